@@ -1,0 +1,93 @@
+"""The exception tree of hfl-mqtt.
+
+Every exception the project raises on purpose is an ``HflError``::
+
+    HflError
+    ├── DecodeError            the peer sent bad data; the message is dropped, the node goes on
+    │   ├── FrameError             bad magic, truncated or inconsistent framing
+    │   ├── UnsupportedError       unknown format version, encoding (stype), dtype or flag
+    │   ├── SizeLimitError         a declared or actual size over a configured limit
+    │   ├── DigestMismatchError    content does not match its digest
+    │   ├── SchemaError            a field is missing, of the wrong type or out of range
+    │   ├── ModelMismatchError     tensors do not match the expected model (names, shapes, dtypes)
+    │   ├── NonFiniteError         NaN or Inf in decoded values
+    │   └── ChunkError             a chunk that cannot belong to its transfer
+    ├── EncodeError            our own caller asked to encode something that cannot be encoded
+    └── CodecSpecError         a codec spec string or value is invalid (also a ValueError)
+
+``DecodeError`` is kept apart from everything else: it is the only exception a decoder lets
+escape, whatever bytes it is given, and it always names the offending field.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChunkError",
+    "CodecSpecError",
+    "DecodeError",
+    "DigestMismatchError",
+    "EncodeError",
+    "FrameError",
+    "HflError",
+    "ModelMismatchError",
+    "NonFiniteError",
+    "SchemaError",
+    "SizeLimitError",
+    "UnsupportedError",
+]
+
+
+class HflError(Exception):
+    """Root of every exception hfl-mqtt raises on purpose."""
+
+
+class DecodeError(HflError):
+    """Bytes from a peer could not be decoded; ``field`` names where decoding failed."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+    def __reduce__(self) -> tuple[type[DecodeError], tuple[str, str]]:
+        return (type(self), (self.field, self.reason))
+
+
+class FrameError(DecodeError):
+    """Bad magic, truncation, or framing fields that contradict each other."""
+
+
+class UnsupportedError(DecodeError):
+    """A format version, encoding, dtype or flag this decoder does not know."""
+
+
+class SizeLimitError(DecodeError):
+    """A declared or actual size exceeds a configured limit (checked before allocating)."""
+
+
+class DigestMismatchError(DecodeError):
+    """The content does not match the digest it was sent with."""
+
+
+class SchemaError(DecodeError):
+    """A field is missing, has the wrong type, or holds a value out of range."""
+
+
+class ModelMismatchError(DecodeError):
+    """The tensors do not match the expected model: names, shapes or dtypes."""
+
+
+class NonFiniteError(DecodeError):
+    """Decoded values contain NaN or Inf."""
+
+
+class ChunkError(DecodeError):
+    """A chunk that cannot belong to its transfer (inconsistent header, conflicting duplicate)."""
+
+
+class EncodeError(HflError):
+    """The caller asked to encode something that cannot be encoded (a bug on our side)."""
+
+
+class CodecSpecError(HflError, ValueError):
+    """A codec spec string or value is invalid."""
