@@ -18,11 +18,11 @@ BF16_STYPE = "hfl.bf16"
 
 def to_fp16(x: np.ndarray) -> bytes:
     """``x`` as little-endian float16; values beyond float16's range are refused."""
-    with np.errstate(over="ignore"):
-        half = np.ascontiguousarray(x, dtype="<f2")
-    if not np.isfinite(half).all():
+    # Checked on the input: min/max are fast and NaN fails both comparisons. 65520 is where
+    # rounding to float16 reaches Inf; numpy's isfinite on float16 is ten times slower.
+    if x.size and not (x.min() > -65520.0 and x.max() < 65520.0):
         raise EncodeError("value outside float16's range (|x| > 65504) or not finite")
-    return half.tobytes()
+    return np.ascontiguousarray(x, dtype="<f2").tobytes()
 
 
 def to_bf16(x: np.ndarray) -> bytes:
