@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     records: list[dict[str, Any]] = []
-    header = f"{'model':<16}{'spec':<22}{'bytes':>12}{'ratio':>8}{'enc MB/s':>10}{'dec MB/s':>10}"
+    header = f"{'model':<20}{'spec':<30}{'bytes':>12}{'ratio':>8}{'enc MB/s':>10}{'dec MB/s':>10}"
     print(header + f"{'rel.err':>10}")
     for target in args.params:
         base = cnn_1m() if target < 5_000_000 else transformer_10m()
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             records.append(row)
             print(
-                f"{row['model']:<16}{row['spec']:<22}{row['bytes']:>12}{row['ratio_vs_npy']:>8.2f}"
+                f"{row['model']:<20}{row['spec']:<30}{row['bytes']:>12}{row['ratio_vs_npy']:>8.2f}"
                 f"{row['encode_mb_s']:>10.0f}{row['decode_mb_s']:>10.0f}{row['rel_error']:>10.4f}",
                 flush=True,
             )

@@ -28,7 +28,7 @@ import zstandard
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hfl_mqtt.codec.compressor import Compressor
-from hfl_mqtt.codec.digest import DIGEST_SIZE, check_digest, digest
+from hfl_mqtt.codec.digest import DIGEST_SIZE, check_digest, digest_parts
 from hfl_mqtt.codec.limits import DEFAULT_LIMITS, DecodeLimits
 from hfl_mqtt.codec.spec import CodecSpec
 from hfl_mqtt.codec.tensor import EncodedTensor, ModelSpec, decode_tensor, tensor_from_wire
@@ -115,32 +115,68 @@ class Message:
 
 def encode_envelope(envelope: Envelope, *, zstd_level: int | None = None) -> bytes:
     """Frame an envelope; zstd-compress the body at ``zstd_level`` unless it is None."""
-    body = msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "header": envelope.header.model_dump(),
-            "tensors": [
-                {
-                    "name": t.name,
-                    "stype": t.stype,
-                    "dtype": t.dtype,
-                    "shape": t.shape,
-                    "data": t.data,
-                }
-                for t in envelope.tensors
-            ],
-        },
-        use_bin_type=True,
-    )
+    body = _body_parts(envelope)
+    raw_size = sum(len(part) for part in body)
     flags = 0
     stored = body
     if zstd_level is not None:
-        stored = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
+        compressor = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True)
+        stream = compressor.compressobj(size=raw_size)
+        stored = [stream.compress(part) for part in body]
+        stored.append(stream.flush())
         flags |= FLAG_ZSTD
+    stored_size = sum(len(part) for part in stored)
     prefix = FRAME.pack(
-        FRAME_MAGIC, FORMAT_VERSION, flags, 0, len(body), len(stored), digest(stored)
+        FRAME_MAGIC, FORMAT_VERSION, flags, 0, raw_size, stored_size, digest_parts(stored)
     )
-    return b"".join((prefix, stored))
+    return b"".join((prefix, *stored))
+
+
+def _body_parts(envelope: Envelope) -> list[bytes]:
+    """The msgpack body as parts that concatenate to ``msgpack.packb`` of the body map.
+
+    Tensor data stays in parts of its own, so the only copy made of it is the final join.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    pack = packer.pack
+    parts: list[bytes] = []
+    head = [
+        packer.pack_map_header(3),
+        pack("v"),
+        pack(FORMAT_VERSION),
+        pack("header"),
+        pack(envelope.header.model_dump()),
+        pack("tensors"),
+        packer.pack_array_header(len(envelope.tensors)),
+    ]
+    for t in envelope.tensors:
+        head += [
+            packer.pack_map_header(5),
+            pack("name"),
+            pack(t.name),
+            pack("stype"),
+            pack(t.stype),
+            pack("dtype"),
+            pack(t.dtype),
+            pack("shape"),
+            pack(t.shape),
+            pack("data"),
+            _bin_header(len(t.data)),
+        ]
+        parts += [b"".join(head), t.data]
+        head = []
+    if head:
+        parts.append(b"".join(head))
+    return parts
+
+
+def _bin_header(size: int) -> bytes:
+    # msgpack's Packer cannot write a bin header alone; this is the spec's bin 8/16/32 header.
+    if size < 0x100:
+        return struct.pack(">BB", 0xC4, size)
+    if size < 0x10000:
+        return struct.pack(">BH", 0xC5, size)
+    return struct.pack(">BI", 0xC6, size)
 
 
 def encode_message(
