@@ -38,6 +38,6 @@ def test_codec_bench_writes_one_record_per_model_and_spec(tmp_path: Path) -> Non
             "decode_mb_s",
             "rel_error",
         } <= set(r)
-        assert r["bytes"] > 0 and r["encode_mb_s"] > 0 and r["decode_mb_s"] > 0
+        assert min(r["bytes"], r["encode_mb_s"], r["decode_mb_s"]) > 0
     assert ours[0]["rel_error"] == 0.0
     assert ours[2]["ratio_vs_npy"] > 6
