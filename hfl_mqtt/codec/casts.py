@@ -20,19 +20,22 @@ def to_fp16(x: np.ndarray) -> bytes:
     """``x`` as little-endian float16; values beyond float16's range are refused."""
     # Checked on the input: min/max are fast and NaN fails both comparisons. 65520 is where
     # rounding to float16 reaches Inf; numpy's isfinite on float16 is ten times slower.
-    if x.size and not (x.min() > -65520.0 and x.max() < 65520.0):
+    if x.size and not (float(x.min()) > -65520.0 and float(x.max()) < 65520.0):
         raise EncodeError("value outside float16's range (|x| > 65504) or not finite")
     return np.ascontiguousarray(x, dtype="<f2").tobytes()
 
 
 def to_bf16(x: np.ndarray) -> bytes:
     """``x`` as little-endian bfloat16, rounded to nearest even."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    wide = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if not np.isfinite(wide).all():
+        raise EncodeError("value not finite")
+    bits = wide.view(np.uint32)
     # Round to nearest even on the 16 bits that are dropped.
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
     upper = (rounded >> np.uint32(16)).astype("<u2")
     if ((upper & np.uint16(0x7F80)) == np.uint16(0x7F80)).any():
-        raise EncodeError("value outside bfloat16's range or not finite")
+        raise EncodeError("value rounds beyond bfloat16's range")
     return upper.tobytes()
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from hfl_mqtt.codec.digest import DIGEST_SIZE, digest
+from hfl_mqtt.codec.limits import DEFAULT_LIMITS
 from hfl_mqtt.errors import (
     ChunkError,
     DecodeError,
@@ -221,8 +222,8 @@ class Reassembler:
         self,
         *,
         max_transfers: int = 16,
-        max_bytes: int = 256 << 20,
-        max_message_bytes: int = 256 << 20,
+        max_bytes: int = DEFAULT_LIMITS.max_message_bytes,
+        max_message_bytes: int = DEFAULT_LIMITS.max_message_bytes,
         timeout: float = 60.0,
         remember_completed: int = 1024,
         clock: Callable[[], float] = time.monotonic,

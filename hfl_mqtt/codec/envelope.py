@@ -52,7 +52,7 @@ FORMAT_VERSION = 1
 FLAG_ZSTD = 0x01
 FRAME = struct.Struct(f"<4sBBHQQ{DIGEST_SIZE}s")
 
-NODE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+NODE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 """Ids that are safe as MQTT topic levels: no ``/``, ``+``, ``#`` or spaces."""
 
 Identifier = Annotated[str, Field(pattern=NODE_ID.pattern, max_length=128)]
@@ -62,7 +62,7 @@ MetricValue = bool | int | float | str
 class Header(BaseModel):
     """What a model or delta is, who sent it and what it was computed from."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     federation: Identifier
     sender: Identifier
@@ -208,7 +208,7 @@ def decode_envelope(data: bytes | memoryview, *, limits: DecodeLimits = DEFAULT_
     if flags & ~FLAG_ZSTD:
         raise UnsupportedError("frame.flags", f"unknown flags 0x{flags:02x}")
     if reserved:
-        raise SchemaError("frame.reserved", "must be 0")
+        raise UnsupportedError("frame.reserved", "must be 0")
     stored = view[FRAME.size :]
     if stored_size != len(stored):
         raise FrameError("frame.stored_size", f"declares {stored_size}, body is {len(stored)}")
@@ -257,7 +257,8 @@ def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeL
             max_bin_len=raw_size,
             max_str_len=limits.max_string_length,
             max_array_len=max(limits.max_tensors, limits.max_ndim),
-            max_map_len=max(limits.max_metrics, 16),
+            max_map_len=max(limits.max_metrics + 1, 16),
+            object_pairs_hook=_map_without_duplicates,
             max_ext_len=0,
         )
     # The msgpack parser signals malformed input with several exception types; all mean "bad
@@ -266,7 +267,7 @@ def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeL
         raise SchemaError("body", f"not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict) or set(obj) != {"v", "header", "tensors"}:
         raise SchemaError("body", "must be a map of exactly v, header and tensors")
-    if obj["v"] != FORMAT_VERSION or isinstance(obj["v"], bool):
+    if type(obj["v"]) is not int or obj["v"] != FORMAT_VERSION:
         raise UnsupportedError("body.v", f"envelope version {obj['v']!r} is not supported")
     header = _header_from_wire(obj["header"], limits)
     raw_tensors = obj["tensors"]
@@ -286,9 +287,20 @@ def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeL
     return Envelope(header, tensors)
 
 
+def _map_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a map repeats a key")
+    return result
+
+
 def _header_from_wire(raw: Any, limits: DecodeLimits) -> Header:
     if not isinstance(raw, dict):
         raise SchemaError("header", "must be a map")
+    # On the wire every field is present (base_version may be nil): defaults are for senders.
+    missing = [name for name in Header.model_fields if name not in raw]
+    if missing:
+        raise SchemaError(f"header.{missing[0]}", "is missing")
     metrics = raw.get("metrics")
     if isinstance(metrics, dict) and len(metrics) > limits.max_metrics:
         raise SizeLimitError(

@@ -7,9 +7,9 @@ so Flower tensors cross our links untouched. Writing goes through ``numpy.lib.fo
 
 from __future__ import annotations
 
-import ast
 import io
 import math
+import re
 import struct
 
 import numpy as np
@@ -23,6 +23,15 @@ NPY_STYPE = "numpy.ndarray"
 NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_HEADER = 4096
 """np.save pads the header to a multiple of 64; 32 dimensions of 20 digits fit well within."""
+MAX_NPY_NDIM = 64
+
+# Exactly what np.save writes (numpy.lib.format), spaces for padding, a final newline. A strict
+# pattern instead of numpy's literal_eval: nothing is evaluated, and a C decoder can match it.
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '(?P<descr>[<>|][a-z][0-9]{1,2})', "
+    rb"'fortran_order': (?P<fortran>True|False), "
+    rb"'shape': \((?P<shape>(?:[0-9]{1,19}, )*[0-9]{1,19},?|)\), \} *\n"
+)
 
 DTYPES: dict[str, np.dtype[np.generic]] = {
     name: np.dtype(name)
@@ -91,36 +100,25 @@ def parse_npy(
     if len(view) < 10 or bytes(view[:6]) != NPY_MAGIC:
         raise FrameError(field, "not npy data (bad magic)")
     major, minor = view[6], view[7]
-    if (major, minor) == (1, 0):
-        (header_len,) = struct.unpack_from("<H", view, 8)
-        start = 10
-    elif (major, minor) in ((2, 0), (3, 0)):
-        if len(view) < 12:
-            raise FrameError(field, "truncated npy header")
-        (header_len,) = struct.unpack_from("<I", view, 8)
-        start = 12
-    else:
+    if (major, minor) != (1, 0):
         raise UnsupportedError(field, f"npy format version {major}.{minor} is not supported")
+    (header_len,) = struct.unpack_from("<H", view, 8)
     if header_len > MAX_NPY_HEADER:
         raise SizeLimitError(field, f"npy header of {header_len} bytes exceeds {MAX_NPY_HEADER}")
+    start = 10
     if start + header_len > len(view):
         raise FrameError(field, "truncated npy header")
-    try:
-        text = bytes(view[start : start + header_len]).decode("latin1" if major < 3 else "utf8")
-        header = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, UnicodeError):
-        raise SchemaError(field, "npy header is not a Python literal") from None
-    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
-        raise SchemaError(field, "npy header must hold exactly descr, fortran_order and shape")
-    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
-    if not isinstance(descr, str) or descr not in _DESCRS:
+    match = _NPY_HEADER.fullmatch(bytes(view[start : start + header_len]))
+    if match is None:
+        raise SchemaError(field, "npy header is not in np.save's form")
+    descr = match["descr"].decode("ascii")
+    if descr not in _DESCRS:
         raise UnsupportedError(field, f"npy dtype {descr!r} is not supported")
-    if not isinstance(fortran, bool):
-        raise SchemaError(field, "npy fortran_order must be a bool")
-    if not isinstance(shape, tuple) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise SchemaError(field, f"npy shape must be a tuple of non-negative ints, got {shape!r}")
+    fortran = match["fortran"] == b"True"
+    dims = match["shape"].replace(b",", b" ").split()
+    if len(dims) > MAX_NPY_NDIM:
+        raise SizeLimitError(field, f"npy shape has more than {MAX_NPY_NDIM} dimensions")
+    shape = tuple(int(d) for d in dims)
     dtype = np.dtype(descr)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > max_bytes:
@@ -128,4 +126,6 @@ def parse_npy(
     body = view[start + header_len :]
     if len(body) != nbytes:
         raise FrameError(field, f"npy data holds {len(body)} bytes, its header declares {nbytes}")
+    if dtype.kind == "b" and nbytes and np.frombuffer(body, np.uint8).max() > 1:
+        raise SchemaError(field, "npy bool data must be bytes 0 or 1")
     return dtype, shape, fortran, body
