@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -42,6 +43,22 @@ def _slice_len(block_size: int) -> int:
     return unit * max(1, _SLICE // unit)
 
 
+def _slices(n: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def _row_spans(start: int, m: int, block_size: int) -> Iterator[tuple[int, int, int, int]]:
+    """Within a slice of ``m`` elements at ``start``: the run of whole blocks, then the last,
+    shorter block if there is one, as (begin, end, rows, index of the first block)."""
+    full = m // block_size * block_size
+    first = start // block_size
+    if full:
+        yield 0, full, full // block_size, first
+    if full < m:
+        yield full, m, 1, first + full // block_size
+
+
 def _code_dtype(bits: int) -> np.dtype[np.unsignedinteger]:
     return np.dtype("<u2") if bits == 16 else np.dtype(np.uint8)
 
@@ -64,16 +81,9 @@ def quantize(x: np.ndarray, bits: int, block_size: int, rng: np.random.Generator
     work = np.empty(min(step, n), _F32)
     noise = np.empty(min(step, n), _F32)
     codes = np.empty(min(step, n), _code_dtype(bits))
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+    for start, stop in _slices(n, step):
         m = stop - start
-        full = m // block_size * block_size
-        first_block = start // block_size
-        spans = [(0, full, full // block_size)] if full else []
-        if full < m:
-            spans.append((full, m, 1))
-        for a, b, rows in spans:
-            block = first_block + a // block_size
+        for a, b, rows, block in _row_spans(start, m, block_size):
             _quantize_rows(
                 flat[start + a : start + b].reshape(rows, -1),
                 lo[block : block + rows],
@@ -190,17 +200,10 @@ def dequantize(data: memoryview, n: int, field: str) -> np.ndarray:
     out = np.empty(n, _F32)
     step = _slice_len(block_size)
     scratch = np.empty(min(step, n) + 8, np.uint8)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+    for start, stop in _slices(n, step):
         m = stop - start
         codes = _unpack(packed[start * bits // 8 : -(-stop * bits // 8)], bits, m, scratch)
-        full = m // block_size * block_size
-        first_block = start // block_size
-        spans = [(0, full, full // block_size)] if full else []
-        if full < m:
-            spans.append((full, m, 1))
-        for a, b, rows in spans:
-            block = first_block + a // block_size
+        for a, b, rows, block in _row_spans(start, m, block_size):
             rows_out = out[start + a : start + b].reshape(rows, -1)
             np.multiply(codes[a:b].reshape(rows, -1), scale[block : block + rows, None], rows_out)
             rows_out += lo[block : block + rows, None]
