@@ -13,7 +13,6 @@ decompresses, then the digest, then the schema, and raises only ``DecodeError`` 
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 import time
@@ -31,7 +30,13 @@ from hfl_mqtt.codec.compressor import Compressor
 from hfl_mqtt.codec.digest import DIGEST_SIZE, check_digest, digest_parts
 from hfl_mqtt.codec.limits import DEFAULT_LIMITS, DecodeLimits
 from hfl_mqtt.codec.spec import CodecSpec
-from hfl_mqtt.codec.tensor import EncodedTensor, ModelSpec, decode_tensor, tensor_from_wire
+from hfl_mqtt.codec.tensor import (
+    EncodedTensor,
+    ModelSpec,
+    check_total_size,
+    decode_tensor,
+    tensor_from_wire,
+)
 from hfl_mqtt.errors import FrameError, SchemaError, SizeLimitError, UnsupportedError
 
 __all__ = [
@@ -279,11 +284,7 @@ def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeL
     names = {t.name for t in tensors}
     if len(names) != len(tensors):
         raise SchemaError("tensors", "tensor names must be unique")
-    total = math.fsum(t.decoded_nbytes for t in tensors)
-    if total > limits.max_decoded_bytes:
-        raise SizeLimitError(
-            "tensors", f"{total:.0f} decoded bytes exceed {limits.max_decoded_bytes}"
-        )
+    check_total_size(tensors, limits)
     return Envelope(header, tensors)
 
 

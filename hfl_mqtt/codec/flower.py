@@ -34,7 +34,6 @@ envelope and raises only ``DecodeError`` subtypes, naming the tensor.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,14 @@ from hfl_mqtt.codec.compressor import Compressor
 from hfl_mqtt.codec.limits import DEFAULT_LIMITS, DecodeLimits
 from hfl_mqtt.codec.npy import DTYPES, NPY_STYPE, parse_npy
 from hfl_mqtt.codec.spec import CodecSpec
-from hfl_mqtt.codec.tensor import EncodedTensor, ModelSpec, decode_tensor, tensor_from_wire
+from hfl_mqtt.codec.tensor import (
+    EncodedTensor,
+    ModelSpec,
+    check_npy_record,
+    check_total_size,
+    decode_tensor,
+    tensor_from_wire,
+)
 from hfl_mqtt.errors import (
     EncodeError,
     ModelMismatchError,
@@ -140,7 +146,7 @@ def from_array_record(
         if isinstance(raw["dtype"], str):
             raw["dtype"] = _BYTE_ORDER_NAMES.get(raw["dtype"], raw["dtype"])
         tensors.append(_checked(tensor_from_wire(raw, index, limits), limits))
-    _check_total(tensors, limits)
+    check_total_size(tensors, limits)
     if expect is not None:
         expect.check(tensors)
     return tensors
@@ -228,7 +234,7 @@ def from_parameters(
         tensor = tensor_from_wire(raw, index, limits)
         # npy items were described from their own header; records must agree with theirs.
         tensors.append(tensor if read is _npy_item else _checked(tensor, limits))
-    _check_total(tensors, limits)
+    check_total_size(tensors, limits)
     if expect is not None:
         expect.check(tensors)
     return tensors
@@ -311,25 +317,10 @@ def _compressor(codec: Compressor | CodecSpec | str) -> Compressor:
 
 
 def _checked(tensor: EncodedTensor, limits: DecodeLimits) -> EncodedTensor:
-    """Check that an npy tensor's header agrees with its record: the header only, not the data."""
+    """An npy tensor's header must agree with its record (the data is not read)."""
     if tensor.stype == NPY_STYPE:
-        field = f"tensors[{tensor.name!r}].data"
-        dtype, shape, _, _ = parse_npy(tensor.data, field, limits.max_decoded_bytes)
-        if dtype.name != tensor.dtype or shape != tensor.shape:
-            raise SchemaError(
-                field,
-                f"npy header says {dtype.name}{list(shape)}, "
-                f"the record {tensor.dtype}{list(tensor.shape)}",
-            )
+        check_npy_record(tensor, limits.max_decoded_bytes)
     return tensor
-
-
-def _check_total(tensors: Sequence[EncodedTensor], limits: DecodeLimits) -> None:
-    total = math.fsum(t.decoded_nbytes for t in tensors)
-    if total > limits.max_decoded_bytes:
-        raise SizeLimitError(
-            "tensors", f"{total:.0f} decoded bytes exceed {limits.max_decoded_bytes}"
-        )
 
 
 def _decode_all(tensors: Iterable[EncodedTensor], limits: DecodeLimits) -> dict[str, np.ndarray]:

@@ -39,6 +39,8 @@ __all__ = [
     "EncodedTensor",
     "ModelSpec",
     "TensorSpec",
+    "check_npy_record",
+    "check_total_size",
     "decode_tensor",
     "tensor_from_wire",
 ]
@@ -133,6 +135,31 @@ def tensor_from_wire(raw: object, index: int, limits: DecodeLimits) -> EncodedTe
     return EncodedTensor(name, stype, dtype, tuple(shape), data)
 
 
+def check_npy_record(
+    tensor: EncodedTensor, max_bytes: int
+) -> tuple[np.dtype[np.generic], bool, memoryview]:
+    """Parse an npy tensor's header and check it agrees with the record's dtype and shape.
+
+    Returns the npy dtype (with its byte order), Fortran order and the raw data; reads no data.
+    """
+    field = f"tensors[{tensor.name!r}].data"
+    dtype, shape, fortran, body = parse_npy(tensor.data, field, max_bytes)
+    if dtype.name != tensor.dtype or shape != tensor.shape:
+        raise SchemaError(
+            field,
+            f"npy header says {dtype.name}{list(shape)}, "
+            f"the record {tensor.dtype}{list(tensor.shape)}",
+        )
+    return dtype, fortran, body
+
+
+def check_total_size(tensors: Iterable[EncodedTensor], limits: DecodeLimits) -> None:
+    """Raise ``SizeLimitError`` if the tensors together decode to more than the limit."""
+    total = sum(t.decoded_nbytes for t in tensors)
+    if total > limits.max_decoded_bytes:
+        raise SizeLimitError("tensors", f"{total} decoded bytes exceed {limits.max_decoded_bytes}")
+
+
 def decode_tensor(tensor: EncodedTensor, limits: DecodeLimits | None = None) -> np.ndarray:
     """Decode one tensor into a new writable array of its declared dtype and shape.
 
@@ -146,14 +173,9 @@ def decode_tensor(tensor: EncodedTensor, limits: DecodeLimits | None = None) -> 
     n = tensor.numel
     data = memoryview(tensor.data)
     if tensor.stype == NPY_STYPE:
-        npy_dtype, shape, fortran, body = parse_npy(data, f"{field}.data", max_bytes)
-        if npy_dtype.name != tensor.dtype or shape != tensor.shape:
-            raise SchemaError(
-                f"{field}.data",
-                f"npy header says {npy_dtype.name}{list(shape)}, "
-                f"the record {tensor.dtype}{list(tensor.shape)}",
-            )
-        view = np.frombuffer(body, npy_dtype, n).reshape(shape, order="F" if fortran else "C")
+        npy_dtype, fortran, body = check_npy_record(tensor, max_bytes)
+        view = np.frombuffer(body, npy_dtype, n)
+        view = view.reshape(tensor.shape, order="F" if fortran else "C")
         array = np.array(view, dtype=dtype, order="K")
     else:
         if tensor.dtype not in FLOAT_DTYPES:
