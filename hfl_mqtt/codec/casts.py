@@ -27,9 +27,10 @@ def to_fp16(x: np.ndarray) -> bytes:
 
 def to_bf16(x: np.ndarray) -> bytes:
     """``x`` as little-endian bfloat16, rounded to nearest even."""
-    wide = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused next
+        wide = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if not np.isfinite(wide).all():
-        raise EncodeError("value not finite")
+        raise EncodeError("value not finite or beyond float32's range")
     bits = wide.view(np.uint32)
     # Round to nearest even on the 16 bits that are dropped.
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))

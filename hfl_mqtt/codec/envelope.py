@@ -14,6 +14,7 @@ decompresses, then the digest, then the schema, and raises only ``DecodeError`` 
 from __future__ import annotations
 
 import re
+import reprlib
 import struct
 import time
 import uuid
@@ -273,7 +274,9 @@ def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeL
     if not isinstance(obj, dict) or set(obj) != {"v", "header", "tensors"}:
         raise SchemaError("body", "must be a map of exactly v, header and tensors")
     if type(obj["v"]) is not int or obj["v"] != FORMAT_VERSION:
-        raise UnsupportedError("body.v", f"envelope version {obj['v']!r} is not supported")
+        # reprlib: a peer's value may nest deeper than repr() can recurse.
+        version = reprlib.repr(obj["v"])
+        raise UnsupportedError("body.v", f"envelope version {version} is not supported")
     header = _header_from_wire(obj["header"], limits)
     raw_tensors = obj["tensors"]
     if not isinstance(raw_tensors, list):

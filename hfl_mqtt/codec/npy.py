@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import reprlib
 import struct
 
 import numpy as np
@@ -60,7 +61,9 @@ _DESCRS = {dt.newbyteorder("<").str: dt for dt in DTYPES.values()} | {
 def check_dtype_name(name: object, field: str) -> np.dtype[np.generic]:
     """The numpy dtype for a dtype name from the wire, or ``UnsupportedError``."""
     if not isinstance(name, str) or name not in DTYPES:
-        raise UnsupportedError(field, f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+        # reprlib: a peer's value may nest deeper than repr() can recurse.
+        shown = reprlib.repr(name)
+        raise UnsupportedError(field, f"dtype {shown} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

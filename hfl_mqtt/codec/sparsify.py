@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
+from fractions import Fraction
 
 import numpy as np
 
@@ -30,7 +31,8 @@ VALUE_CODES = {"raw": 0, "fp16": 1, "bf16": 2, "quant": 3}
 def topk_count(n: int, fraction: float | None, count: int | None) -> int:
     """How many elements of ``n`` a spec keeps: ``ceil(fraction * n)`` or ``count``, at most n."""
     if fraction is not None:
-        return min(n, max(1, math.ceil(fraction * n))) if n else 0
+        # The decimal the spec was written with: 0.55 * 440 is 242.00000000000003 in binary.
+        return min(n, max(1, math.ceil(Fraction(repr(fraction)) * n))) if n else 0
     return min(n, count or 0)
 
 
@@ -111,5 +113,6 @@ def decode_topk(data: memoryview, n: int, dtype: np.dtype[np.generic], field: st
     else:
         raise UnsupportedError(field, f"hfl.topk value encoding {code} is unknown")
     dense = np.zeros(n, dtype)
-    dense[indices] = values
+    with np.errstate(over="ignore"):  # to float16: overflow gives Inf, refused by the caller
+        dense[indices] = values
     return dense

@@ -15,6 +15,7 @@ data), so it maps one to one onto Flower's records. ``stype`` names the encoding
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -117,7 +118,8 @@ def tensor_from_wire(raw: object, index: int, limits: DecodeLimits) -> EncodedTe
         raise SchemaError(f"{field}.name", f"must be a string of 1 to {limits.max_name_length}")
     field = f"tensors[{name!r}]"
     if stype not in STYPES:
-        raise UnsupportedError(f"{field}.stype", f"unknown encoding {stype!r}")
+        # reprlib: a peer's value may nest deeper than repr() can recurse.
+        raise UnsupportedError(f"{field}.stype", f"unknown encoding {reprlib.repr(stype)}")
     dt = check_dtype_name(dtype, f"{field}.dtype")
     if stype != NPY_STYPE and dtype not in FLOAT_DTYPES:
         raise SchemaError(f"{field}.dtype", f"{stype} carries only float tensors, not {dtype}")
@@ -127,12 +129,21 @@ def tensor_from_wire(raw: object, index: int, limits: DecodeLimits) -> EncodedTe
         raise SchemaError(f"{field}.shape", "dimensions must be non-negative ints")
     if not isinstance(data, bytes):
         raise SchemaError(f"{field}.data", "must be binary")
-    nbytes = math.prod(shape) * dt.itemsize
+    nbytes = _size_bound(shape, dt.itemsize)
     if nbytes > limits.max_decoded_bytes:
         raise SizeLimitError(
             f"{field}.shape", f"{nbytes} decoded bytes exceed {limits.max_decoded_bytes}"
         )
     return EncodedTensor(name, stype, dtype, tuple(shape), data)
+
+
+def _size_bound(shape: Iterable[int], itemsize: int) -> int:
+    """Decoded bytes of a tensor of ``shape``, counting zero dimensions as 1.
+
+    That is the decoded size unless the tensor is empty. Bounding it also keeps empty shapes
+    such as ``[0, 2**40, 2**40]`` from numpy, which refuses them (ValueError) when reshaping.
+    """
+    return math.prod(d for d in shape if d) * itemsize
 
 
 def check_npy_record(
@@ -168,8 +179,9 @@ def decode_tensor(tensor: EncodedTensor, limits: DecodeLimits | None = None) -> 
     field = f"tensors[{tensor.name!r}]"
     dtype = check_dtype_name(tensor.dtype, f"{field}.dtype")
     max_bytes = (limits or DecodeLimits()).max_decoded_bytes
-    if tensor.decoded_nbytes > max_bytes:
-        raise SizeLimitError(f"{field}.shape", f"{tensor.decoded_nbytes} bytes exceed {max_bytes}")
+    nbytes = _size_bound(tensor.shape, dtype.itemsize)
+    if nbytes > max_bytes:
+        raise SizeLimitError(f"{field}.shape", f"{nbytes} bytes exceed {max_bytes}")
     n = tensor.numel
     data = memoryview(tensor.data)
     if tensor.stype == NPY_STYPE:
@@ -189,8 +201,10 @@ def decode_tensor(tensor: EncodedTensor, limits: DecodeLimits | None = None) -> 
         elif tensor.stype == TOPK_STYPE:
             flat = decode_topk(data, n, dtype, f"{field}.data")
         else:
-            raise UnsupportedError(f"{field}.stype", f"unknown encoding {tensor.stype!r}")
-        array = flat.astype(dtype, copy=False).reshape(tensor.shape)
+            stype = reprlib.repr(tensor.stype)
+            raise UnsupportedError(f"{field}.stype", f"unknown encoding {stype}")
+        with np.errstate(over="ignore"):  # to float16: overflow gives Inf, refused below
+            array = flat.astype(dtype, copy=False).reshape(tensor.shape)
     if array.dtype.kind == "f" and not _all_finite(array, tensor.stype):
         raise NonFiniteError(f"{field}.data", "contains NaN or Inf")
     return array
