@@ -302,7 +302,7 @@ def test_decode_accepts_memoryview_and_bytearray() -> None:
     data = encode_message(header(), {"w": np.arange(6.0)}, "q8+zstd")
     expected = np.arange(6.0)
     for view in (memoryview(data), bytearray(data), memoryview(bytearray(data))):
-        decoded = decode_message(view).arrays["w"]  # type: ignore[arg-type]
+        decoded = decode_message(view).arrays["w"]
         np.testing.assert_allclose(decoded, expected, atol=0.02)
 
 

@@ -233,3 +233,13 @@ def test_arbitrary_text_parses_or_raises_codec_spec_error(text: str) -> None:
     except CodecSpecError:
         return
     assert parse_spec(str(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"values": "fp16", "block_size": 7}, {"zstd_level": 5}, {"values": "npy", "block_size": 64}],
+)
+def test_settings_that_would_do_nothing_are_refused(fields: dict[str, object]) -> None:
+    # str() could not carry them, so parse_spec(str(spec)) would differ from spec.
+    with pytest.raises(ValueError, match="applies only"):
+        CodecSpec.model_validate(fields)

@@ -18,7 +18,7 @@ from hfl_mqtt.codec.quantize import QUANT_STYPE, quantize
 from hfl_mqtt.codec.sparsify import TOPK_STYPE, encode_topk, select_topk, topk_count
 from hfl_mqtt.codec.spec import CodecSpec, parse_spec
 from hfl_mqtt.codec.tensor import FLOAT_DTYPES, EncodedTensor, decode_tensor
-from hfl_mqtt.errors import EncodeError
+from hfl_mqtt.errors import CodecSpecError, EncodeError
 
 __all__ = ["Compressor", "encode_array"]
 
@@ -29,7 +29,11 @@ _OWN_OUTPUT = DecodeLimits(max_decoded_bytes=1 << 62)
 def encode_array(
     name: str, array: np.ndarray, spec: CodecSpec, rng: np.random.Generator
 ) -> EncodedTensor:
-    """Encode one array. Non-float arrays, and every array under a lossless spec, go as npy."""
+    """Encode one array as ``spec`` says.
+
+    Non-float arrays, and every array under a lossless spec, go as npy; float16 arrays go as
+    fp16 (exact) where the spec says bf16.
+    """
     array = np.asarray(array)
     dtype = array.dtype.name
     if dtype not in DTYPES:
@@ -40,21 +44,26 @@ def encode_array(
             raise EncodeError(f"tensor {name!r} contains NaN or Inf")
         return EncodedTensor(name, NPY_STYPE, dtype, shape, npy_bytes(array))
     flat = array.reshape(-1)
+    values = spec.values
+    if values == "bf16" and dtype == "float16":
+        values = "fp16"  # exact for float16, where bf16 would lose bits and overflow near 65504
     try:
         if spec.sparse:
             k = topk_count(flat.size, spec.topk_fraction, spec.topk_count)
             indices = select_topk(flat, k)
-            values = "raw" if spec.values == "npy" else spec.values
-            if values == "raw" and not np.isfinite(flat[indices]).all():
+            if values == "npy" and not np.isfinite(flat[indices]).all():
                 raise EncodeError("contains NaN or Inf")
             bits = spec.bits or 8
             data = encode_topk(
-                flat, indices, values, lambda v: quantize(v, bits, spec.block_size, rng)
+                flat,
+                indices,
+                "raw" if values == "npy" else values,
+                lambda v: quantize(v, bits, spec.block_size, rng),
             )
             return EncodedTensor(name, TOPK_STYPE, dtype, shape, data)
-        if spec.values == "fp16":
+        if values == "fp16":
             return EncodedTensor(name, FP16_STYPE, dtype, shape, to_fp16(flat))
-        if spec.values == "bf16":
+        if values == "bf16":
             return EncodedTensor(name, BF16_STYPE, dtype, shape, to_bf16(flat))
         data = quantize(flat, spec.bits or 8, spec.block_size, rng)
         return EncodedTensor(name, QUANT_STYPE, dtype, shape, data)
@@ -73,6 +82,13 @@ class Compressor:
         seed: int | None = None,
     ) -> None:
         self.spec = parse_spec(spec)
+        if error_feedback and self.spec.bits == 1:
+            # Error feedback needs a compressor whose error is smaller than its input; stochastic
+            # 1-bit quantization's is not, so the residual would grow without bound.
+            raise CodecSpecError(
+                f"error feedback cannot be used with {self.spec}: 1-bit quantization is not "
+                "contractive; use 2 bits or more"
+            )
         self.error_feedback = error_feedback and not self.spec.lossless
         self._rng = np.random.default_rng(self.spec.seed if seed is None else seed)
         self._residuals: dict[str, np.ndarray] = {}

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from hfl_mqtt.codec.compressor import Compressor
 from hfl_mqtt.codec.digest import DIGEST_SIZE, check_digest, digest_parts
 from hfl_mqtt.codec.limits import DEFAULT_LIMITS, DecodeLimits
+from hfl_mqtt.codec.msgpack_scan import check_object_count
 from hfl_mqtt.codec.spec import CodecSpec
 from hfl_mqtt.codec.tensor import (
     EncodedTensor,
@@ -199,7 +200,9 @@ def encode_message(
     return encode_envelope(envelope, zstd_level=spec.zstd_level if spec.zstd else None)
 
 
-def decode_envelope(data: bytes | memoryview, *, limits: DecodeLimits = DEFAULT_LIMITS) -> Envelope:
+def decode_envelope(
+    data: bytes | bytearray | memoryview, *, limits: DecodeLimits = DEFAULT_LIMITS
+) -> Envelope:
     """Check a frame and its body and return the envelope, without decoding tensor values."""
     view = memoryview(data)
     if len(view) > limits.max_message_bytes:
@@ -228,7 +231,7 @@ def decode_envelope(data: bytes | memoryview, *, limits: DecodeLimits = DEFAULT_
 
 
 def decode_message(
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
     *,
     expect: ModelSpec | None = None,
     limits: DecodeLimits = DEFAULT_LIMITS,
@@ -255,6 +258,7 @@ def _decompress(stored: memoryview, raw_size: int) -> bytes:
 
 
 def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeLimits) -> Envelope:
+    check_object_count(body, limits.max_body_objects)
     try:
         obj = msgpack.unpackb(
             body,
@@ -262,7 +266,7 @@ def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeL
             strict_map_key=True,
             max_bin_len=raw_size,
             max_str_len=limits.max_string_length,
-            max_array_len=max(limits.max_tensors, limits.max_ndim),
+            max_array_len=max(limits.max_tensors, limits.max_ndim) + 1,
             max_map_len=max(limits.max_metrics + 1, 16),
             object_pairs_hook=_map_without_duplicates,
             max_ext_len=0,

@@ -34,6 +34,7 @@ envelope and raises only ``DecodeError`` subtypes, naming the tensor.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ import numpy as np
 
 from hfl_mqtt.codec.compressor import Compressor
 from hfl_mqtt.codec.limits import DEFAULT_LIMITS, DecodeLimits
+from hfl_mqtt.codec.msgpack_scan import check_object_count
 from hfl_mqtt.codec.npy import DTYPES, NPY_STYPE, parse_npy
 from hfl_mqtt.codec.spec import CodecSpec
 from hfl_mqtt.codec.tensor import (
@@ -223,7 +225,7 @@ def from_parameters(
     else:
         raise UnsupportedError(
             "parameters.tensor_type",
-            f"{tensor_type!r} is neither {NPY_STYPE!r} nor {HFL_TENSOR_TYPE!r}",
+            f"{reprlib.repr(tensor_type)} is neither {NPY_STYPE!r} nor {HFL_TENSOR_TYPE!r}",
         )
     tensors = []
     for index, (name, item) in enumerate(zip(order, items, strict=True)):
@@ -246,6 +248,9 @@ def _npy_item(item: bytes, field: str, limits: DecodeLimits) -> dict[str, object
 
 
 def _hfl_item(item: bytes, field: str, limits: DecodeLimits) -> dict[str, object]:
+    # A record is 9 objects plus its shape's items; the slack lets the schema check below name
+    # a shape that is merely too long.
+    check_object_count(item, 16 + 2 * limits.max_ndim)
     try:
         raw = msgpack.unpackb(
             item,

@@ -26,6 +26,9 @@ class DecodeLimits:
     max_name_length: int = 256
     max_metrics: int = 256
     max_string_length: int = 4096
+    max_body_objects: int = 250_000
+    """msgpack objects in a body (each container, key, value and item counts): about 20 per
+    tensor and 2 per metric in a real message. Bounds what unpacking may build."""
 
     def __post_init__(self) -> None:
         for name in self.__slots__:

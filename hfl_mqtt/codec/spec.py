@@ -58,6 +58,11 @@ class CodecSpec(BaseModel):
             raise ValueError("bits is set exactly when values is 'quant'")
         if self.topk_fraction is not None and self.topk_count is not None:
             raise ValueError("topk_fraction and topk_count exclude each other")
+        # Settings that would do nothing are refused, so that str() can always carry a spec.
+        if self.values != "quant" and self.block_size != DEFAULT_BLOCK_SIZE:
+            raise ValueError("block_size applies only to quantization")
+        if not self.zstd and self.zstd_level != DEFAULT_ZSTD_LEVEL:
+            raise ValueError("zstd_level applies only with zstd")
         return self
 
     @property
