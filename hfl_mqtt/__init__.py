@@ -1,8 +1,10 @@
 """hfl-mqtt: hierarchical federated learning over MQTT."""
 
 from hfl_mqtt.errors import (
+    BrokerError,
     ChunkError,
     CodecSpecError,
+    ConfigError,
     DecodeError,
     DigestMismatchError,
     EncodeError,
@@ -10,16 +12,21 @@ from hfl_mqtt.errors import (
     HflError,
     ModelMismatchError,
     NonFiniteError,
+    PublishTimeoutError,
     SchemaError,
     SizeLimitError,
+    TaskError,
+    TransportError,
     UnsupportedError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerError",
     "ChunkError",
     "CodecSpecError",
+    "ConfigError",
     "DecodeError",
     "DigestMismatchError",
     "EncodeError",
@@ -27,8 +34,11 @@ __all__ = [
     "HflError",
     "ModelMismatchError",
     "NonFiniteError",
+    "PublishTimeoutError",
     "SchemaError",
     "SizeLimitError",
+    "TaskError",
+    "TransportError",
     "UnsupportedError",
     "__version__",
 ]

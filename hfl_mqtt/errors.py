@@ -13,7 +13,12 @@ Every exception the project raises on purpose is an ``HflError``::
     │   ├── NonFiniteError         NaN or Inf in decoded values
     │   └── ChunkError             a chunk that cannot belong to its transfer
     ├── EncodeError            our own caller asked to encode something that cannot be encoded
-    └── CodecSpecError         a codec spec string or value is invalid (also a ValueError)
+    ├── CodecSpecError         a codec spec string or value is invalid (also a ValueError)
+    ├── ConfigError            a configuration file or value is invalid (also a ValueError)
+    ├── TaskError              a training task, its settings or its weights are invalid (ValueError)
+    ├── BrokerError            a private Mosquitto broker (hfl_mqtt.brokers) failed to start or run
+    └── TransportError         the MQTT link failed (the client library's errors, translated once)
+        └── PublishTimeoutError    a publish was not acknowledged in time
 
 ``DecodeError`` is kept apart from everything else: it is the only exception a decoder lets
 escape, whatever bytes it is given, and it always names the offending field.
@@ -22,8 +27,10 @@ escape, whatever bytes it is given, and it always names the offending field.
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
     "ChunkError",
     "CodecSpecError",
+    "ConfigError",
     "DecodeError",
     "DigestMismatchError",
     "EncodeError",
@@ -31,8 +38,11 @@ __all__ = [
     "HflError",
     "ModelMismatchError",
     "NonFiniteError",
+    "PublishTimeoutError",
     "SchemaError",
     "SizeLimitError",
+    "TaskError",
+    "TransportError",
     "UnsupportedError",
 ]
 
@@ -91,3 +101,23 @@ class EncodeError(HflError):
 
 class CodecSpecError(HflError, ValueError):
     """A codec spec string or value is invalid."""
+
+
+class ConfigError(HflError, ValueError):
+    """A configuration file or value is invalid; the message names the file and the field."""
+
+
+class TaskError(HflError, ValueError):
+    """A training task, its configuration or its weights are invalid."""
+
+
+class TransportError(HflError):
+    """The MQTT link failed: could not connect, lost the broker, or the broker refused."""
+
+
+class PublishTimeoutError(TransportError):
+    """A QoS 1 publish was not acknowledged within its timeout."""
+
+
+class BrokerError(HflError):
+    """A private Mosquitto broker could not be started, reached or observed (see its log tail)."""

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Protocol, cast, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hfl_mqtt.errors import HflError
+from hfl_mqtt.errors import TaskError
 
 __all__ = [
     "EvalResult",
@@ -34,10 +34,6 @@ __all__ = [
     "check_weights",
     "load_task",
 ]
-
-
-class TaskError(HflError, ValueError):
-    """A task, its configuration or its weights are invalid (also a ``ValueError``)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,142 @@
+"""Building and reading the messages nodes exchange: models down, deltas up, status, control."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Mapping
+
+import numpy as np
+
+from hfl_mqtt.aggregation.base import Model
+from hfl_mqtt.codec import (
+    Compressor,
+    Envelope,
+    Header,
+    decode_envelope,
+    encode_message,
+)
+from hfl_mqtt.errors import SchemaError
+
+__all__ = [
+    "STOP",
+    "RecentIds",
+    "decode_from",
+    "delta_message",
+    "model_message",
+    "parse_ctl",
+    "parse_status",
+    "status_payload",
+    "subtract",
+]
+
+STOP = json.dumps({"cmd": "stop"}).encode()
+
+
+def model_message(
+    federation: str,
+    sender: str,
+    version: int,
+    model: Mapping[str, np.ndarray],
+    compressor: Compressor,
+    metrics: Mapping[str, float | int | str | bool] | None = None,
+) -> bytes:
+    header = Header(
+        federation=federation,
+        sender=sender,
+        kind="model",
+        version=version,
+        metrics=dict(metrics or {}),
+    )
+    return encode_message(header, model, compressor)
+
+
+def delta_message(
+    federation: str,
+    sender: str,
+    base_version: int,
+    delta: Mapping[str, np.ndarray],
+    num_examples: int,
+    compressor: Compressor,
+    metrics: Mapping[str, float | int | str | bool] | None = None,
+) -> bytes:
+    header = Header(
+        federation=federation,
+        sender=sender,
+        kind="delta",
+        version=base_version + 1,
+        base_version=base_version,
+        num_examples=num_examples,
+        metrics=dict(metrics or {}),
+    )
+    return encode_message(header, delta, compressor)
+
+
+def decode_from(payload: bytes, *, kind: str, sender: str, federation: str) -> Envelope:
+    """Decode an envelope and check it is a ``kind`` message from ``sender`` in ``federation``.
+
+    Raises ``DecodeError`` (SchemaError for a header that does not fit where it arrived).
+    """
+    envelope = decode_envelope(payload)
+    header = envelope.header
+    if header.kind != kind:
+        raise SchemaError("header.kind", f"expected a {kind}, got a {header.kind}")
+    if header.sender != sender:
+        raise SchemaError("header.sender", f"{header.sender!r} arrived on {sender!r}'s topic")
+    if header.federation != federation:
+        raise SchemaError("header.federation", f"{header.federation!r} is not {federation!r}")
+    return envelope
+
+
+def subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> Model:
+    """``new - old`` per tensor, in float32 for float tensors."""
+    return {k: np.subtract(new[k], old[k], dtype=np.result_type(new[k], old[k])) for k in new}
+
+
+class RecentIds:
+    """The last ``size`` update ids seen: QoS 1 may deliver a message twice."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+        self._size = size
+
+    def known(self, update_id: str) -> bool:
+        """True if ``update_id`` was seen before (without remembering it)."""
+        return update_id in self._ids
+
+    def seen(self, update_id: str) -> bool:
+        """True if ``update_id`` was seen before; remembers it either way."""
+        if update_id in self._ids:
+            return True
+        self._ids.add(update_id)
+        self._order.append(update_id)
+        if len(self._order) > self._size:
+            self._ids.discard(self._order.popleft())
+        return False
+
+
+def status_payload(state: str, **fields: object) -> bytes:
+    return json.dumps({"state": state, **fields}).encode()
+
+
+def _json(payload: bytes) -> dict[str, object] | None:
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parse_status(payload: bytes) -> str | None:
+    """``online`` / ``offline`` from a status message, or None if it is not one."""
+    value = _json(payload)
+    state = value.get("state") if value else None
+    return state if isinstance(state, str) else None
+
+
+def parse_ctl(payload: bytes) -> str | None:
+    """The command of a control message (``stop``), or None."""
+    value = _json(payload)
+    cmd = value.get("cmd") if value else None
+    return cmd if isinstance(cmd, str) else None

@@ -1,0 +1,78 @@
+"""One node process: its links, its role, and its run (``hfl-mqtt run --config NODE.yaml``).
+
+Every node is the same program. A node with only an upstream link is a worker; with only a
+downstream link, the root; with both, an aggregator at any depth. The upstream link carries
+the node's status and Last Will (its parent watches it there); the root puts them on its
+downstream link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from hfl_mqtt.config import BrokerAddress, NodeConfig
+from hfl_mqtt.roles.aggregator import Aggregator, EventCallback
+from hfl_mqtt.roles.messages import status_payload
+from hfl_mqtt.roles.report import NodeReport
+from hfl_mqtt.roles.worker import Worker
+from hfl_mqtt.tasks.base import load_task
+from hfl_mqtt.topics import status_topic
+from hfl_mqtt.transport.base import LinkBase
+from hfl_mqtt.transport.mqtt import MqttLink
+
+__all__ = ["LinkFactory", "run_node"]
+
+LinkFactory = Callable[[BrokerAddress, str, str | None], LinkBase]
+"""Makes a link from a broker address, a client id and the status topic it owns (or None)."""
+
+
+def mqtt_link_factory(chunk_size: int) -> LinkFactory:
+    def make(broker: BrokerAddress, client_id: str, status: str | None) -> LinkBase:
+        return MqttLink(
+            broker.host,
+            broker.port,
+            client_id,
+            status_topic=status,
+            online_payload=status_payload("online"),
+            offline_payload=status_payload("offline"),
+            chunk_size=chunk_size,
+        )
+
+    return make
+
+
+async def run_node(
+    config: NodeConfig,
+    *,
+    links: LinkFactory | None = None,
+    on_event: EventCallback | None = None,
+) -> NodeReport:
+    """Connect, serve in the node's role until told to stop (or done, at the root)."""
+    make = links or mqtt_link_factory(config.chunk_size)
+    status = status_topic(config.federation, config.node)
+    async with contextlib.AsyncExitStack() as stack:
+        up = down = None
+        if config.upstream is not None:
+            up = await _enter(stack, make(config.upstream.broker, config.node, status))
+        if config.downstream is not None:
+            down_status = status if up is None else None
+            down = await _enter(
+                stack, make(config.downstream.broker, f"{config.node}.down", down_status)
+            )
+        if down is None:
+            assert up is not None
+            assert config.partition is not None
+            task = load_task(config.task, config.partition, config.num_partitions)
+            return await Worker(config, up, task).run()
+        evaluator = None
+        if up is None:
+            evaluator = load_task(config.task, None, config.num_partitions)
+        return await Aggregator(config, down, up, evaluator=evaluator, on_event=on_event).run()
+    raise AssertionError("unreachable")
+
+
+async def _enter(stack: contextlib.AsyncExitStack, link: Any) -> LinkBase:
+    entered: LinkBase = await stack.enter_async_context(link)
+    return entered

@@ -1,0 +1,94 @@
+"""What a node counts while it runs: updates taken and refused (with reasons), traffic, rounds."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from hfl_mqtt.errors import (
+    DecodeError,
+    DigestMismatchError,
+    ModelMismatchError,
+    NonFiniteError,
+    SizeLimitError,
+)
+from hfl_mqtt.transport.base import LinkStats
+
+__all__ = ["NodeReport", "reject_reason"]
+
+_KIND_FIELDS = ("messages_sent", "bytes_sent", "messages_received", "bytes_received")
+
+log = structlog.get_logger("hfl_mqtt.roles")
+
+
+def reject_reason(exc: DecodeError) -> str:
+    """A short, countable reason for a message that failed to decode."""
+    if isinstance(exc, ModelMismatchError):
+        return "wrong_shape"
+    if isinstance(exc, NonFiniteError):
+        return "non_finite"
+    if isinstance(exc, SizeLimitError):
+        return "oversized"
+    if isinstance(exc, DigestMismatchError):
+        return "corrupt"
+    return "malformed"
+
+
+@dataclass
+class NodeReport:
+    """Counters of one node, merged into ``summary.json`` by the simulator."""
+
+    node: str
+    role: str
+    level: int
+    rounds: int = 0
+    updates_accepted: int = 0
+    updates_rejected: Counter[str] = field(default_factory=Counter)
+    trained: int = 0
+    up: LinkStats | None = None
+    down: LinkStats | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def reject(self, reason: str, topic: str, detail: str = "") -> None:
+        """Count and log a refused message; the node goes on."""
+        self.updates_rejected[reason] += 1
+        log.warning("update rejected", node=self.node, reason=reason, topic=topic, detail=detail)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in (self.up, self.down) if s is not None)
+
+    @property
+    def messages_sent(self) -> int:
+        return sum(s.messages_sent for s in (self.up, self.down) if s is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        def link(stats: LinkStats | None) -> dict[str, Any] | None:
+            if stats is None:
+                return None
+            return {
+                "messages_sent": stats.messages_sent,
+                "bytes_sent": stats.bytes_sent,
+                "messages_received": stats.messages_received,
+                "bytes_received": stats.bytes_received,
+                "chunks_rejected": stats.chunks_rejected,
+                "by_kind": {
+                    kind: dict(zip(_KIND_FIELDS, values, strict=True))
+                    for kind, values in stats.by_topic_kind.items()
+                },
+            }
+
+        return {
+            "node": self.node,
+            "role": self.role,
+            "level": self.level,
+            "rounds": self.rounds,
+            "updates_accepted": self.updates_accepted,
+            "updates_rejected": dict(self.updates_rejected),
+            "trained": self.trained,
+            "up": link(self.up),
+            "down": link(self.down),
+        }

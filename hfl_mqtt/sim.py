@@ -1,0 +1,252 @@
+"""Run a whole federation on this machine (``hfl-mqtt sim``): brokers, nodes, results.
+
+Brokers are started as configured (one, or one per edge bridged to the cloud's); every node
+is a real MQTT client. Aggregators run in this process; workers are spread over worker
+processes so every core trains. The root's evaluation after each global round is shown live and
+appended to ``metrics.jsonl``; at the end ``summary.json`` and a plot are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from hfl_mqtt.brokers import (
+    BridgeConfig,
+    BrokerConfig,
+    MosquittoBroker,
+    edge_bridge_topics,
+    find_mosquitto,
+)
+from hfl_mqtt.config import BrokerAddress, FederationConfig, NodeConfig
+from hfl_mqtt.roles.node import run_node
+from hfl_mqtt.roles.report import NodeReport
+
+__all__ = ["SUMMARY_VERSION", "Progress", "configure_logging", "simulate"]
+
+SUMMARY_VERSION = 1
+log = structlog.get_logger("hfl_mqtt.sim")
+
+
+class Progress:
+    """A one-line live display of the global rounds (plain lines when not on a terminal)."""
+
+    def __init__(self, total_rounds: int, stream: TextIO | None = None) -> None:
+        self.total = total_rounds
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+
+    def round(self, event: dict[str, Any]) -> None:
+        line = (
+            f"round {event['global_round']:>3}/{self.total}  "
+            f"accuracy {event['accuracy']:.4f}  loss {event['loss']:.4f}  "
+            f"{event['seconds']:6.1f} s  {event['tree_bytes'] / 1e6:8.2f} MB sent"
+        )
+        if self.live:
+            self.stream.write("\r" + line)
+            if event["global_round"] >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def say(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def configure_logging(level: int) -> None:
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _run_worker_group(configs: list[str], log_level: int) -> list[dict[str, Any]]:
+    """Entry point of a worker process: run its workers until they are told to stop."""
+    configure_logging(log_level)
+    nodes = [NodeConfig.model_validate_json(text) for text in configs]
+
+    async def run_all() -> list[NodeReport]:
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(run_node(node)) for node in nodes]
+        return [task.result() for task in running]
+
+    return [report.to_dict() for report in asyncio.run(run_all())]
+
+
+@contextlib.contextmanager
+def _brokers(config: FederationConfig, workdir: Path) -> Iterator[dict[str, BrokerAddress]]:
+    """Start the brokers the federation asks for; yield which node's subtree uses which."""
+    if find_mosquitto() is None:
+        raise RuntimeError(
+            "no mosquitto binary on PATH: install Mosquitto (apt-get install mosquitto)"
+        )
+    root = config.levels[0].name
+    with contextlib.ExitStack() as stack:
+        cloud = stack.enter_context(MosquittoBroker(BrokerConfig(), workdir / "broker-cloud"))
+        addresses = {root: BrokerAddress(host=cloud.host, port=cloud.port)}
+        if config.brokers == "per_edge":
+            tree = config.tree()
+            parents = {kid: parent for parent, kids in tree.items() for kid in kids}
+            edges = [node for node, kids in tree.items() if all(k not in tree for k in kids)]
+            for edge in edges:
+                if edge == root:
+                    continue
+                bridge = BridgeConfig(
+                    name=edge,
+                    address=cloud.host,
+                    port=cloud.port,
+                    topics=tuple(edge_bridge_topics(config.federation, edge, parents[edge])),
+                )
+                broker = stack.enter_context(
+                    MosquittoBroker(BrokerConfig(bridge=bridge), workdir / f"broker-{edge}")
+                )
+                addresses[edge] = BrokerAddress(host=broker.host, port=broker.port)
+        yield addresses
+
+
+def _level_totals(
+    config: FederationConfig, reports: list[dict[str, Any]]
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Payload bytes and messages per level: ``up`` is what the level's nodes sent to their
+    parents, ``down`` what the level's aggregators published to their children."""
+    names = [level.name for level in config.levels]
+    volume = {name: {"up": 0, "down": 0} for name in names}
+    count = {name: {"up": 0, "down": 0} for name in names}
+    for report in reports:
+        name = names[report["level"]]
+        for direction, kind in (("up", "up"), ("down", "model")):
+            stats = (report[direction] or {}).get("by_kind", {}).get(kind)
+            if stats:
+                volume[name][direction] += stats["bytes_sent"]
+                count[name][direction] += stats["messages_sent"]
+    return volume, count
+
+
+async def simulate(
+    config: FederationConfig,
+    out: Path,
+    *,
+    progress: Progress | None = None,
+    processes: int | None = None,
+    log_level: int = logging.WARNING,
+) -> dict[str, Any]:
+    """Run ``config`` to the end; write ``out/summary.json``, ``metrics.jsonl``, the plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    workdir = out / "run"
+    workdir.mkdir(exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    events: list[dict[str, Any]] = []
+    with _brokers(config, workdir) as brokers, metrics_path.open("w") as metrics_file:
+        nodes = config.node_configs(brokers)
+        workers = [n for n in nodes if n.role == "worker"]
+        aggregators = [n for n in nodes if n.role != "worker"]
+        groups = min(processes or os.cpu_count() or 1, len(workers))
+        if progress is not None:
+            progress.say(
+                f"{config.federation}: {len(config.levels)} levels, {len(aggregators)} "
+                f"aggregators, {len(workers)} workers in {groups} processes, "
+                f"{len(brokers)} broker(s) on ports "
+                f"{', '.join(str(b.port) for b in brokers.values())}"
+            )
+
+        def on_event(event: dict[str, Any]) -> None:
+            events.append(event)
+            metrics_file.write(json.dumps(event) + "\n")
+            metrics_file.flush()
+            if progress is not None:
+                progress.round(event)
+
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(groups, mp_context=context) as pool:
+            shares = [workers[i::groups] for i in range(groups)]
+            worker_runs = [
+                loop.run_in_executor(
+                    pool, _run_worker_group, [w.model_dump_json() for w in share], log_level
+                )
+                for share in shares
+            ]
+            aggregator_runs = [run_node(n, on_event=on_event) for n in aggregators]
+            aggregator_reports = await asyncio.gather(*aggregator_runs)
+            worker_reports = [r for group in await asyncio.gather(*worker_runs) for r in group]
+    reports = [r.to_dict() for r in aggregator_reports] + worker_reports
+    summary = _summary(config, reports, events, time.monotonic() - started, brokers)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _plot(events, out)
+    return summary
+
+
+def _summary(
+    config: FederationConfig,
+    reports: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    wall_seconds: float,
+    brokers: dict[str, BrokerAddress],
+) -> dict[str, Any]:
+    volume, count = _level_totals(config, reports)
+    rejected: Counter[str] = Counter()
+    for report in reports:
+        rejected.update(report["updates_rejected"])
+    last = events[-1] if events else {}
+    return {
+        "summary_version": SUMMARY_VERSION,
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "global_rounds": len(events),
+        "wall_seconds": round(wall_seconds, 3),
+        "levels": len(config.levels),
+        "workers": config.num_workers,
+        "bytes": volume,
+        "messages": count,
+        "total_bytes": sum(v["up"] + v["down"] for v in volume.values()),
+        "updates_accepted": sum(r["updates_accepted"] for r in reports),
+        "updates_rejected": dict(rejected),
+        "brokers": len(brokers),
+        "nodes": reports,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def _plot(events: list[dict[str, Any]], out: Path) -> None:
+    """accuracy.png: test accuracy against global round and against bytes sent."""
+    if not events:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install 'hfl-mqtt[sim]')")
+        return
+    rounds = [e["global_round"] for e in events]
+    accuracy = [e["accuracy"] for e in events]
+    megabytes = [e["tree_bytes"] / 1e6 for e in events]
+    figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    by_round.plot(rounds, accuracy, marker="o", markersize=3)
+    by_round.set_xlabel("global round")
+    by_round.set_ylabel("test accuracy")
+    by_bytes.plot(megabytes, accuracy, marker="o", markersize=3, color="tab:orange")
+    by_bytes.set_xlabel("payload bytes sent in the whole tree (MB)")
+    for axis in (by_round, by_bytes):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"final accuracy {accuracy[-1]:.4f} after {rounds[-1]} global rounds")
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png", dpi=120)
+    plt.close(figure)

@@ -1,0 +1,98 @@
+"""The MQTT topic scheme: every topic of a federation lives under ``hfl/{federation}/``.
+
+==================================  ==================  ===  ========  =============================
+topic                               direction           QoS  retained  payload
+==================================  ==================  ===  ========  =============================
+``hfl/{fed}/{node}/model``          node -> children    1    yes       the node's current model
+``hfl/{fed}/{node}/model/chunk/{i}``  node -> children  1    yes       chunk i of a large model
+``hfl/{fed}/{node}/up/{child}``     child -> node       1    no        the child's delta (chunked
+                                                                       on the same topic if large)
+``hfl/{fed}/{node}/status``         node -> anyone      1    yes       JSON: online/offline (also
+                                                                       the Last Will), version
+``hfl/{fed}/{node}/ctl``            parent -> node      1    no        JSON: control (stop)
+==================================  ==================  ===  ========  =============================
+
+The sender's id is always in the topic, so a broker ACL can pin each device to its own topics
+(``pattern write hfl/+/+/up/%c``). Ids are checked to be safe topic levels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "NODE_ID",
+    "ParsedTopic",
+    "check_id",
+    "chunk_topic",
+    "ctl_topic",
+    "model_topic",
+    "parse_topic",
+    "status_topic",
+    "up_filter",
+    "up_topic",
+]
+
+NODE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+"""Federation and node ids: safe as MQTT topic levels (no ``/``, ``+``, ``#``, spaces)."""
+
+ROOT = "hfl"
+Kind = Literal["model", "up", "status", "ctl"]
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid federation or node id, else raise ValueError."""
+    if not NODE_ID.fullmatch(value):
+        raise ValueError(f"{what} {value!r} must be 1-128 of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def model_topic(federation: str, node: str) -> str:
+    return f"{ROOT}/{federation}/{node}/model"
+
+
+def chunk_topic(topic: str, index: int) -> str:
+    """Where chunk ``index`` of a large retained message on ``topic`` is retained."""
+    return f"{topic}/chunk/{index}"
+
+
+def up_topic(federation: str, parent: str, child: str) -> str:
+    return f"{ROOT}/{federation}/{parent}/up/{child}"
+
+
+def up_filter(federation: str, parent: str) -> str:
+    """Subscription for every child's deltas to ``parent``."""
+    return f"{ROOT}/{federation}/{parent}/up/+"
+
+
+def status_topic(federation: str, node: str) -> str:
+    return f"{ROOT}/{federation}/{node}/status"
+
+
+def ctl_topic(federation: str, node: str) -> str:
+    return f"{ROOT}/{federation}/{node}/ctl"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    federation: str
+    node: str
+    kind: Kind
+    child: str | None = None
+
+
+def parse_topic(topic: str) -> ParsedTopic | None:
+    """Split one of the scheme's topics (chunk topics map to their model topic); else None."""
+    parts = topic.split("/")
+    if len(parts) < 4 or parts[0] != ROOT:
+        return None
+    _, federation, node, kind, *rest = parts
+    if kind == "up" and len(rest) == 1:
+        return ParsedTopic(federation, node, "up", rest[0])
+    if kind == "model" and (not rest or (len(rest) == 2 and rest[0] == "chunk")):
+        return ParsedTopic(federation, node, "model")
+    if kind in ("status", "ctl") and not rest:
+        return ParsedTopic(federation, node, kind)  # type: ignore[arg-type]
+    return None

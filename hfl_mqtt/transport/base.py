@@ -1,0 +1,153 @@
+"""What every link does whatever carries it: chunking, reassembly, accounting, delivery.
+
+A link publishes at QoS 1 and delivers whole messages. Messages larger than the chunk size are
+split (``hfl_mqtt.codec.chunking``); a retained one is retained chunk by chunk on sub-topics
+(``topic/chunk/{i}``) so that a late subscriber still gets every piece. Received chunks are
+reassembled with bounded memory before delivery, and chunks that cannot belong anywhere are
+dropped and counted, never raised into the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import structlog
+
+from hfl_mqtt.codec.chunking import DEFAULT_CHUNK_SIZE, Reassembler, is_chunk, split_message
+from hfl_mqtt.errors import DecodeError
+from hfl_mqtt.topics import chunk_topic
+
+__all__ = ["Incoming", "LinkBase", "LinkStats"]
+
+log = structlog.get_logger("hfl_mqtt.transport")
+
+_CHUNK_MARK = "/chunk/"
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One whole message as delivered to the node (chunk topics mapped back to their topic)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Payload bytes and messages through one link (MQTT framing not included)."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    chunks_rejected: int = 0
+    by_topic_kind: dict[str, list[int]] = field(default_factory=dict)
+
+    def count_sent(self, kind: str, size: int) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += size
+        entry = self.by_topic_kind.setdefault(kind, [0, 0, 0, 0])
+        entry[0] += 1
+        entry[1] += size
+
+    def count_received(self, kind: str, size: int) -> None:
+        self.messages_received += 1
+        self.bytes_received += size
+        entry = self.by_topic_kind.setdefault(kind, [0, 0, 0, 0])
+        entry[2] += 1
+        entry[3] += size
+
+
+def _topic_kind(topic: str) -> str:
+    parts = topic.split("/")
+    return parts[3] if len(parts) > 3 and parts[0] == "hfl" else "other"
+
+
+class LinkBase(ABC):
+    """A QoS 1 publish/subscribe link that chunks, reassembles and counts.
+
+    Subclasses move single MQTT messages (``_send``, ``_subscribe``) and hand what arrives to
+    ``_arrived``; users call ``publish``, ``subscribe`` and ``receive``.
+    """
+
+    def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE, max_pending: int = 1000) -> None:
+        self.chunk_size = chunk_size
+        self.stats = LinkStats()
+        self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
+        self._reassembler = Reassembler()
+        self._retained_chunks: dict[str, int] = {}
+
+    @abstractmethod
+    async def _send(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Publish one MQTT message at QoS 1 and wait for the broker's acknowledgement."""
+
+    @abstractmethod
+    async def _subscribe(self, topic_filter: str) -> None:
+        """Subscribe at QoS 1."""
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish a whole message at QoS 1, chunked if larger than the chunk size."""
+        parts = split_message(payload, self.chunk_size)
+        kind = _topic_kind(topic)
+        if retain:
+            await self._publish_retained(topic, parts)
+        else:
+            for part in parts:
+                await self._send(topic, part, False)
+        self.stats.count_sent(kind, len(payload))
+
+    async def _publish_retained(self, topic: str, parts: list[bytes]) -> None:
+        chunked = len(parts) > 1
+        stale = self._retained_chunks.get(topic, 0)
+        if chunked:
+            for index, part in enumerate(parts):
+                await self._send(chunk_topic(topic, index), part, True)
+            await self._send(topic, b"", True)  # an empty retained message clears the topic
+        else:
+            await self._send(topic, parts[0], True)
+        # Chunks of an earlier, larger version would otherwise stay retained.
+        for index in range(len(parts) if chunked else 0, stale):
+            await self._send(chunk_topic(topic, index), b"", True)
+        self._retained_chunks[topic] = len(parts) if chunked else 0
+
+    async def subscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None:
+        """Subscribe; with ``chunked_retained`` also to the chunk sub-topics of retained topics."""
+        await self._subscribe(topic_filter)
+        if chunked_retained:
+            await self._subscribe(f"{topic_filter}/chunk/+")
+
+    async def receive(self) -> Incoming:
+        """The next whole message."""
+        return await self._inbox.get()
+
+    def receive_nowait(self) -> Incoming | None:
+        """The next whole message if one is waiting, else None."""
+        try:
+            return self._inbox.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def _arrived(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Reassemble if needed and queue; called by subclasses for every MQTT message.
+
+        Waits while the inbox is full, so a node that falls behind slows its reader down.
+        """
+        if not payload:
+            return  # a cleared retained topic
+        mark = topic.find(_CHUNK_MARK)
+        base_topic = topic[:mark] if mark >= 0 else topic
+        if is_chunk(payload):
+            try:
+                whole = self._reassembler.add(payload)
+            except DecodeError as exc:
+                self.stats.chunks_rejected += 1
+                log.warning("chunk rejected", topic=topic, reason=str(exc))
+                return
+            if whole is None:
+                return
+            payload = whole
+        self.stats.count_received(_topic_kind(base_topic), len(payload))
+        await self._inbox.put(Incoming(base_topic, payload, retain))
