@@ -475,6 +475,7 @@ class MosquittoBroker:
                     raise
 
     def _spawn(self, executable: str) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)  # again, after a close()
         self.persistence_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self._render())
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -566,7 +567,6 @@ class MosquittoBroker:
         self.stop()
         if self._owns_workdir and self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
 
     def __enter__(self) -> Self:
         try:
@@ -603,21 +603,23 @@ class MosquittoBroker:
         if self.config.bridge is None:
             msg = "this broker has no bridge"
             raise BrokerError(msg)
-        topic = self.config.bridge.state_topic
+        name, topic = self.config.bridge.name, self.config.bridge.state_topic
         try:
-            async with asyncio.timeout(timeout), self._client() as client:
+            async with (
+                asyncio.timeout(timeout),
+                aiomqtt.Client(self._connect_host, self.port) as client,
+            ):
                 await client.subscribe(topic, qos=1)
                 async for message in client.messages:
                     if message.payload == b"1":
                         return
         except TimeoutError:
             pass
-        name = self.config.bridge.name
+        except aiomqtt.MqttError as exc:
+            msg = f"cannot watch bridge {name} on {self.host}:{self.port}: {exc}"
+            raise BrokerError(msg) from exc
         msg = f"bridge {name} not connected after {timeout} s; log tail:\n{self.log_tail()}"
         raise BrokerError(msg)
-
-    def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(self._connect_host, self.port)
 
 
 async def read_sys_bytes(host: str, port: int, *, timeout: float = 5.0) -> dict[str, int]:
@@ -631,8 +633,7 @@ async def read_sys_bytes(host: str, port: int, *, timeout: float = 5.0) -> dict[
     found: dict[str, int] = {}
     try:
         async with asyncio.timeout(timeout), aiomqtt.Client(host, port) as client:
-            for name in _SYS_TOPICS:
-                await client.subscribe(prefix + name, qos=0)
+            await client.subscribe([(prefix + name, 0) for name in _SYS_TOPICS])
             async for message in client.messages:
                 key = str(message.topic).removeprefix(prefix)
                 if key in wanted and isinstance(message.payload, bytes):
@@ -641,6 +642,9 @@ async def read_sys_bytes(host: str, port: int, *, timeout: float = 5.0) -> dict[
                     return found
     except TimeoutError:
         pass
+    except aiomqtt.MqttError as exc:
+        msg = f"cannot read $SYS from {host}:{port}: {exc}"
+        raise BrokerError(msg) from exc
     missing = sorted(set(wanted.values()) - found.keys())
     msg = f"$SYS counters missing after {timeout} s (is sys_interval 0?): {missing}"
     raise BrokerError(msg)

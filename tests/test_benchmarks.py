@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
-from benchmarks import codec_bench
+import pytest
+
+from benchmarks import aggregator_bench, codec_bench
+from hfl_mqtt.brokers import find_mosquitto
 
 
 def test_codec_bench_writes_one_record_per_model_and_spec(tmp_path: Path) -> None:
@@ -41,3 +44,20 @@ def test_codec_bench_writes_one_record_per_model_and_spec(tmp_path: Path) -> Non
         assert min(r["bytes"], r["encode_mb_s"], r["decode_mb_s"]) > 0
     assert ours[0]["rel_error"] == 0.0
     assert ours[2]["ratio_vs_npy"] > 6
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+def test_aggregator_bench_runs_a_real_edge_and_both_transports(tmp_path: Path) -> None:
+    out = tmp_path / "aggregator.json"
+    argv = ["--params", "3000", "--children", "3", "--rounds", "2", "--agg-repeats", "1"]
+    argv += ["--transport-size", "65536", "--transport-count", "4", "--repeats", "1"]
+    assert aggregator_bench.main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    agg = result["aggregator"]
+    assert agg["accepted"] == agg["expected"] == 6
+    assert agg["rejected"] == {}
+    assert agg["rounds_closed"] == 2
+    for key in ("updates_per_s", "transport_mb_s", "bare_aiomqtt_mb_s", "transport_ratio"):
+        assert result[key] > 0
+    assert set(agg["ms_per_update"]) >= {"decode_and_check", "aggregate_fedavg"}
+    assert result["machine"]["cpu_count"] >= 1
