@@ -81,7 +81,7 @@ class RoundConfig(_Frozen):
     (before it, a round closes as soon as every child still online has answered)."""
     min_children: Count | None = None
     """The same as a count; overrides ``min_fraction``."""
-    server_lr: Annotated[float, Field(gt=0)] = 1.0
+    server_lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
 
     def min_count(self, children: int) -> int:
         """How many of ``children`` must answer before a round may close at its deadline."""
@@ -151,7 +151,7 @@ class LevelConfig(_Frozen):
     deadline_s: Annotated[float, Field(gt=0)] = 30.0
     min_fraction: Fraction = 0.5
     min_children: Count | None = None
-    server_lr: Annotated[float, Field(gt=0)] = 1.0
+    server_lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     uplink_codec: Codec = "q8"
     downlink_codec: Codec = "npy"
     error_feedback: bool = False

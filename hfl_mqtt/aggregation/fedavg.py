@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -14,12 +15,15 @@ __all__ = ["FedAvg", "weighted_mean"]
 def weighted_mean(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Model:
     """``sum(w_i * a_i) / sum(w_i)`` per tensor; equal weights if they sum to zero.
 
-    Accumulates in float64 and returns each tensor in the dtype of the first input.
+    Accumulates in float64 and returns each tensor in the dtype of the first input. Every input
+    must have the names and shapes of the first (numpy would otherwise broadcast silently).
     """
     if not arrays:
         raise ValueError("weighted_mean of no arrays")
     if len(weights) != len(arrays):
         raise ValueError(f"{len(weights)} weights for {len(arrays)} arrays")
+    for index, item in enumerate(arrays[1:], start=1):
+        _check_fits(item, arrays[0], f"arrays[{index}]", "arrays[0]")
     w = np.asarray(weights, dtype=np.float64)
     if (w < 0).any() or not np.isfinite(w).all():
         raise ValueError("weights must be finite and non-negative")
@@ -34,18 +38,26 @@ def weighted_mean(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
     return result
 
 
+def _check_fits(
+    item: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray], what: str, of: str
+) -> None:
+    if item.keys() != like.keys() or any(np.shape(item[k]) != np.shape(v) for k, v in like.items()):
+        raise ValueError(f"{what} does not have the names and shapes of {of}")
+
+
 class FedAvg:
     """``x <- x + lr * weighted_mean(deltas, num_examples)`` (FedAvg with a server step size)."""
 
     def __init__(self, server_lr: float = 1.0) -> None:
-        if server_lr <= 0:
-            raise ValueError("server_lr must be > 0")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
         self.server_lr = server_lr
 
     def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[Update]) -> Model:
         if not updates:
             return {k: v.copy() for k, v in model.items()}
         step = weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+        _check_fits(step, model, "the deltas", "the model")
         return {
             k: (v + self.server_lr * step[k]).astype(v.dtype, copy=False) for k, v in model.items()
         }

@@ -258,7 +258,8 @@ def _decompress(stored: memoryview, raw_size: int) -> bytes:
 
 
 def _envelope_from_body(body: bytes | memoryview, raw_size: int, limits: DecodeLimits) -> Envelope:
-    check_object_count(body, limits.max_body_objects)
+    if len(body) > limits.max_body_objects:  # every object takes a byte: no need to count below
+        check_object_count(body, limits.max_body_objects)
     try:
         obj = msgpack.unpackb(
             body,

@@ -12,6 +12,7 @@ doing each step in place is what makes this run near memory speed.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ def quantized_size(n: int, bits: int, block_size: int) -> int:
     return QUANT_HEADER.size + 8 * blocks + -(-n * bits // 8)
 
 
+@functools.lru_cache(maxsize=64)
 def _slice_len(block_size: int) -> int:
     # Whole blocks, and whole bytes of packed codes, in every slice but the last.
     unit = math.lcm(block_size, 8)
@@ -192,7 +194,8 @@ def dequantize(data: memoryview, n: int, field: str) -> np.ndarray:
     packed = np.frombuffer(data, np.uint8, offset=QUANT_HEADER.size + 8 * blocks)
     with np.errstate(over="ignore", invalid="ignore"):
         top = lo + scale * np.float32(levels)
-    if not (np.isfinite(top).all() and np.isfinite(lo).all()):
+    # A NaN or Inf in lo or scale makes top NaN or Inf too, so one check covers all three.
+    if not np.isfinite(top).all():
         raise SchemaError(field, "hfl.quant lo and scale must be finite, with a finite top")
     if (scale < 0).any():
         raise SchemaError(field, "hfl.quant scale must be >= 0")
@@ -200,6 +203,12 @@ def dequantize(data: memoryview, n: int, field: str) -> np.ndarray:
     out = np.empty(n, _F32)
     step = _slice_len(block_size)
     scratch = np.empty(min(step, n) + 8, np.uint8)
+    if n <= step and n % block_size == 0:  # one slice of whole blocks: the common small tensor
+        codes = _unpack(packed, bits, n, scratch).reshape(blocks, block_size)
+        rows_out = out.reshape(blocks, block_size)
+        np.multiply(codes, scale[:, None], rows_out)
+        rows_out += lo[:, None]
+        return out
     for start, stop in _slices(n, step):
         m = stop - start
         codes = _unpack(packed[start * bits // 8 : -(-stop * bits // 8)], bits, m, scratch)

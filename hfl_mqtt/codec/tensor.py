@@ -203,8 +203,11 @@ def decode_tensor(tensor: EncodedTensor, limits: DecodeLimits | None = None) -> 
         else:
             stype = reprlib.repr(tensor.stype)
             raise UnsupportedError(f"{field}.stype", f"unknown encoding {stype}")
-        with np.errstate(over="ignore"):  # to float16: overflow gives Inf, refused below
-            array = flat.astype(dtype, copy=False).reshape(tensor.shape)
+        if flat.dtype == dtype:
+            array = flat.reshape(tensor.shape)
+        else:
+            with np.errstate(over="ignore"):  # to float16: overflow gives Inf, refused below
+                array = flat.astype(dtype).reshape(tensor.shape)
     if array.dtype.kind == "f" and not _all_finite(array, tensor.stype):
         raise NonFiniteError(f"{field}.data", "contains NaN or Inf")
     return array

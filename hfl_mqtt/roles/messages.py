@@ -123,7 +123,8 @@ def status_payload(state: str, **fields: object) -> bytes:
 def _json(payload: bytes) -> dict[str, object] | None:
     try:
         value = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: a peer's deeply nested JSON ("[[[[..."), which would crash the reader.
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

@@ -25,6 +25,11 @@ log = structlog.get_logger("hfl_mqtt.transport")
 
 _CHUNK_MARK = "/chunk/"
 
+MAX_TRANSFERS = 1024
+"""Chunked messages a link reassembles at once. A parent's link takes one from every child at
+the same time (the broker interleaves their chunks), so this must be at least the fan-out; memory
+stays bounded by the reassembler's byte budget, which every open transfer reserves against."""
+
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
@@ -73,11 +78,17 @@ class LinkBase(ABC):
     ``_arrived``; users call ``publish``, ``subscribe`` and ``receive``.
     """
 
-    def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE, max_pending: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_pending: int = 1000,
+        max_transfers: int = MAX_TRANSFERS,
+    ) -> None:
         self.chunk_size = chunk_size
         self.stats = LinkStats()
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
-        self._reassembler = Reassembler()
+        self._reassembler = Reassembler(max_transfers=max_transfers)
         self._retained_chunks: dict[str, int] = {}
 
     @abstractmethod
