@@ -551,3 +551,10 @@ def test_decode_error_is_the_only_family_raised() -> None:
     with pytest.raises(UnsupportedError) as info:
         decode_message(data[:4] + b"\x02" + data[5:])
     assert info.value.field == "frame.version"
+
+
+def test_num_examples_is_bounded_so_sums_stay_exact() -> None:
+    # A child claiming more than 2**53 examples would own FedAvg's weights and overflow sums.
+    Header(federation="f", sender="s", kind="model", version=0, num_examples=2**53)
+    with pytest.raises(ValidationError):
+        Header(federation="f", sender="s", kind="model", version=0, num_examples=2**53 + 1)

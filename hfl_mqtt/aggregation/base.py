@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Model", "RoundStrategy", "Update"]
+__all__ = ["Model", "RoundStrategy", "StreamingStrategy", "Update"]
 
 Model = dict[str, np.ndarray]
 
@@ -31,3 +31,14 @@ class RoundStrategy(Protocol):
     def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[Update]) -> Model:
         """The next model from the current one and one round of updates against it."""
         ...
+
+
+@runtime_checkable
+class StreamingStrategy(Protocol):
+    """A strategy that folds updates in as they arrive, keeping none of them."""
+
+    def start(self, model: Mapping[str, np.ndarray]) -> None: ...
+
+    def add(self, update: Update) -> None: ...
+
+    def finish(self) -> Model: ...

@@ -78,7 +78,8 @@ class Header(BaseModel):
     """The version this message is (a model) or produces once applied (a delta)."""
     base_version: Annotated[int, Field(ge=0)] | None = None
     """The version a delta was computed against; None only for a model with no base."""
-    num_examples: Annotated[int, Field(ge=0)] = 0
+    num_examples: Annotated[int, Field(ge=0, le=2**53)] = 0
+    """Examples behind the update (its FedAvg weight); at most 2**53, so sums stay exact."""
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     codec: Annotated[str, Field(max_length=256)] = "npy"
     """The canonical codec spec the tensors were encoded with (informational)."""

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from hfl_mqtt.aggregation.base import Model, RoundStrategy, Update
+from hfl_mqtt.aggregation.base import Model, RoundStrategy, StreamingStrategy, Update
 from hfl_mqtt.aggregation.fedavg import FedAvg
-from hfl_mqtt.codec import Compressor, ModelSpec
+from hfl_mqtt.codec import Compressor, ModelSpec, parse_spec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError, TransportError
 from hfl_mqtt.roles.messages import (
@@ -84,7 +84,12 @@ class Aggregator:
         if self.is_root and evaluator is None:
             raise ValueError("the root needs an evaluator task (its initial model and test data)")
         self.evaluator = evaluator
-        self.strategy = strategy or FedAvg(config.downstream.server_lr)
+        self.strategy: RoundStrategy = strategy or FedAvg(config.downstream.server_lr)
+        self._streaming = self.strategy if isinstance(self.strategy, StreamingStrategy) else None
+        # A delta may not take the model beyond what the downlink can carry (fp16: 65504).
+        fp16_down = parse_spec(config.downstream.codec).values == "fp16"
+        self._value_limit = 65504.0 if fp16_down else 1e38
+        self._model_peak = 0.0
         self.on_event = on_event
         role = "root" if self.is_root else "aggregator"
         self.report = NodeReport(
@@ -98,9 +103,9 @@ class Aggregator:
                 error_feedback=config.upstream.error_feedback,
                 seed=config.task.seed + 11,
             )
-        self._events: asyncio.Queue[tuple[str, Incoming]] = asyncio.Queue(1000)
+        self._events: asyncio.Queue[Incoming] = asyncio.Queue(1000)
         self._seen = RecentIds()
-        self._status: dict[str, str] = {}
+        self._offline: set[str] = set()
         self._children_bytes: dict[str, tuple[int, int]] = {}
         self.model: Model | None = None
         self.spec: ModelSpec | None = None
@@ -121,9 +126,9 @@ class Aggregator:
         """Run until the global rounds are done (root) or the parent says stop."""
         fed, me = self.config.federation, self.config.node
         async with asyncio.TaskGroup() as tasks:
-            pumps = [tasks.create_task(self._pump("down", self.down), name=f"{me}:down")]
-            if self.up is not None:
-                pumps.append(tasks.create_task(self._pump("up", self.up), name=f"{me}:up"))
+            pumps = [tasks.create_task(self._pump(self.down), name=f"{me}:down")]
+            if self.up is not None and self.up is not self.down:
+                pumps.append(tasks.create_task(self._pump(self.up), name=f"{me}:up"))
             await self.down.subscribe(up_filter(fed, me))
             for child in self.children:
                 await self.down.subscribe(status_topic(fed, child))
@@ -139,10 +144,9 @@ class Aggregator:
                     pump.cancel()
         return self.report
 
-    async def _pump(self, source: str, link: LinkBase) -> None:
+    async def _pump(self, link: LinkBase) -> None:
         while True:
-            message = await link.receive()
-            await self._events.put((source, message))
+            await self._events.put(await link.receive())
 
     async def _loop(self) -> None:
         if self.is_root:
@@ -155,13 +159,13 @@ class Aggregator:
             if self._collecting is not None and not self._deadline_logged:
                 timeout = max(0.0, self._deadline - time.monotonic())
             try:
-                source, message = await asyncio.wait_for(self._events.get(), timeout)
+                message = await asyncio.wait_for(self._events.get(), timeout)
             except TimeoutError:
                 await self._maybe_close_round()
                 continue
-            await self._handle(source, message)
+            await self._handle(message)
 
-    async def _handle(self, source: str, message: Incoming) -> None:
+    async def _handle(self, message: Incoming) -> None:
         topic = parse_topic(message.topic)
         fed, me = self.config.federation, self.config.node
         if topic is None or topic.federation != fed:
@@ -171,18 +175,18 @@ class Aggregator:
                 self._log.info("stopping on request")
                 await self._stop_children()
                 self._finished = True
-        elif source == "down" and topic.kind == "up" and topic.node == me and topic.child:
+        elif topic.kind == "up" and topic.node == me and topic.child:
             await self._on_update(topic.child, message)
-        elif source == "down" and topic.kind == "status" and topic.node in self.children:
+        elif topic.kind == "status" and topic.node in self.children:
             state = parse_status(message.payload)
-            if state is not None:
-                self._status[topic.node] = state
-                if state == "offline":
-                    self._log.info("child offline", child=topic.node)
-                    await self._maybe_close_round()
+            if state == "offline":
+                self._offline.add(topic.node)
+                self._log.info("child offline", child=topic.node)
+                await self._maybe_close_round()
+            elif state is not None:
+                self._offline.discard(topic.node)
         elif (
-            source == "up"
-            and topic.kind == "model"
+            topic.kind == "model"
             and self.config.upstream is not None
             and topic.node == self.config.upstream.parent
         ):
@@ -232,6 +236,11 @@ class Aggregator:
             model_topic(self.config.federation, self.config.node), payload, retain=True
         )
         self._collecting = {}
+        self._model_peak = max(
+            (float(np.abs(v).max()) for v in self.model.values() if v.size), default=0.0
+        )
+        if self._streaming is not None:
+            self._streaming.start(self.model)
         self._deadline = time.monotonic() + self.rounds_config.deadline_s
         self._deadline_logged = False
 
@@ -263,13 +272,21 @@ class Aggregator:
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return
+        peak = max((float(np.abs(v).max()) for v in delta.values() if v.size), default=0.0)
+        if self._model_peak + self.rounds_config.server_lr * peak > self._value_limit:
+            self.report.reject("out_of_range", message.topic, f"|delta| up to {peak:.3g}")
+            return
         tree_bytes = header.metrics.get("tree_bytes", 0)
         tree_messages = header.metrics.get("tree_messages", 0)
-        if isinstance(tree_bytes, int) and isinstance(tree_messages, int):
-            self._children_bytes[child] = (tree_bytes, tree_messages)
-        self._collecting[child] = Update(
+        if _is_count(tree_bytes) and _is_count(tree_messages):
+            self._children_bytes[child] = (tree_bytes, tree_messages)  # type: ignore[assignment]
+        update = Update(
             child, self.version, delta, header.num_examples, header.update_id, header.metrics
         )
+        if self._streaming is not None:
+            self._streaming.add(update)
+            update = Update(child, self.version, {}, header.num_examples, header.update_id, {})
+        self._collecting[child] = update
         self.report.updates_accepted += 1
         await self._maybe_close_round()
 
@@ -279,9 +296,11 @@ class Aggregator:
             return
         answered = len(collecting)
         needed = self.rounds_config.min_count(len(self.children))
-        online = [c for c in self.children if self._status.get(c) != "offline"]
         everyone = answered == len(self.children)
-        all_online = answered >= needed and all(c in collecting for c in online)
+        # Every child not known to be offline has answered.
+        all_online = answered >= needed and answered + len(
+            self._offline - collecting.keys()
+        ) >= len(self.children)
         past_deadline = time.monotonic() >= self._deadline
         if not (everyone or all_online or (past_deadline and answered >= needed)):
             if past_deadline and not self._deadline_logged:
@@ -295,7 +314,10 @@ class Aggregator:
     async def _close_round(self, updates: list[Update]) -> None:
         assert self.model is not None
         self._collecting = None
-        self.model = self.strategy.aggregate(self.model, updates)
+        if self._streaming is not None:
+            self.model = self._streaming.finish()
+        else:
+            self.model = self.strategy.aggregate(self.model, updates)
         self.report.rounds += 1
         self._cycle_round += 1
         examples = sum(u.num_examples for u in updates)
@@ -338,7 +360,7 @@ class Aggregator:
             self.config.node,
             self.parent_version,
             subtract(self.model, self.parent_model),
-            examples,
+            min(examples, _MAX_COUNT),
             self._up_codec,
             metrics,
         )
@@ -397,3 +419,11 @@ def _mean_metric(updates: list[Update], name: str) -> float | None:
         max(u.num_examples, 1) for u in updates if isinstance(u.metrics.get(name), int | float)
     ]
     return float(np.average(values, weights=weights))
+
+
+_MAX_COUNT = 2**53
+
+
+def _is_count(value: object) -> bool:
+    """A byte or message count a child may report: an int that sums safely."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT

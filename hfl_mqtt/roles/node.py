@@ -3,7 +3,8 @@
 Every node is the same program. A node with only an upstream link is a worker; with only a
 downstream link, the root; with both, an aggregator at any depth. The upstream link carries
 the node's status and Last Will (its parent watches it there); the root puts them on its
-downstream link.
+downstream link. An aggregator whose parent and children share a broker uses one connection
+for both, under its own id as client id (so a broker ACL's ``%c`` rules apply to it).
 """
 
 from __future__ import annotations
@@ -57,10 +58,17 @@ async def run_node(
         if config.upstream is not None:
             up = await _enter(stack, make(config.upstream.broker, config.node, status))
         if config.downstream is not None:
-            down_status = status if up is None else None
-            down = await _enter(
-                stack, make(config.downstream.broker, f"{config.node}.down", down_status)
-            )
+            upstream = config.upstream
+            if (
+                up is not None
+                and upstream is not None
+                and config.downstream.broker == upstream.broker
+            ):
+                down = up  # one connection serves both sides, under the node's own client id
+            else:
+                down_status = status if up is None else None
+                client_id = config.node if up is None else f"{config.node}.down"
+                down = await _enter(stack, make(config.downstream.broker, client_id, down_status))
         if down is None:
             assert up is not None
             assert config.partition is not None

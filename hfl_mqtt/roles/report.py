@@ -57,13 +57,17 @@ class NodeReport:
         self.updates_rejected[reason] += 1
         log.warning("update rejected", node=self.node, reason=reason, topic=topic, detail=detail)
 
+    def _links(self) -> list[LinkStats]:
+        links = [s for s in (self.up, self.down) if s is not None]
+        return links[:1] if len(links) == 2 and links[0] is links[1] else links
+
     @property
     def bytes_sent(self) -> int:
-        return sum(s.bytes_sent for s in (self.up, self.down) if s is not None)
+        return sum(s.bytes_sent for s in self._links())
 
     @property
     def messages_sent(self) -> int:
-        return sum(s.messages_sent for s in (self.up, self.down) if s is not None)
+        return sum(s.messages_sent for s in self._links())
 
     def to_dict(self) -> dict[str, Any]:
         def link(stats: LinkStats | None) -> dict[str, Any] | None:
