@@ -279,7 +279,8 @@ HEADER_MUTATIONS: list[tuple[str, object, bool]] = [
     ("base_version", -1, False),
     ("base_version", 4.5, False),
     ("base_version", False, False),
-    ("num_examples", 2**63, True),
+    ("num_examples", 2**53, True),
+    ("num_examples", 2**53 + 1, False),  # would own FedAvg weights and overflow sums
     ("num_examples", -1, False),
     ("num_examples", 1e3, False),
     ("num_examples", b"\x01", False),
