@@ -1,10 +1,10 @@
-# One command each: `make bench` (the main job for now), `make test` (lint, types, tests).
+# One command each: `make demo` (the main job), `make test` (lint, types, tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test lint pytest clean
+.PHONY: demo bench test test-slow lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,sim,torch,flower]"
 	touch $@
 
+demo: $(STAMP)
+	$(BIN)/hfl-mqtt demo --out out/demo
+
 bench: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/codec_bench.py --json benchmarks/out/codec.json
+	$(BIN)/python benchmarks/aggregator_bench.py --json benchmarks/out/aggregator.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -27,5 +31,8 @@ pytest: $(STAMP)
 
 test: lint pytest
 
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis benchmarks/out
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis benchmarks/out out

@@ -45,7 +45,8 @@ class Worker:
             error_feedback=config.upstream.error_feedback,
             seed=config.task.seed * 100_003 + (config.partition or 0),
         )
-        self._spec: ModelSpec | None = None
+        # The parent's models must fit this worker's own model: same names, shapes, dtypes.
+        self._spec = ModelSpec.from_arrays(task.get_weights())
         self._seen = RecentIds()
         self._pending: deque[Incoming] = deque()
         self._log = log.bind(node=config.node, role="worker")
@@ -78,8 +79,6 @@ class Worker:
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return
-        if self._spec is None:
-            self._spec = ModelSpec.from_arrays(model)
         await self._train_and_send(envelope, model)
 
     async def _train_and_send(self, envelope: Envelope, model: Model) -> None:
