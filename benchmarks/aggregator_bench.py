@@ -55,7 +55,7 @@ import aiomqtt
 import numpy as np
 import structlog
 
-from hfl_mqtt.aggregation.base import Model, RoundStrategy, Update
+from hfl_mqtt.aggregation.base import Model, Update
 from hfl_mqtt.aggregation.fedavg import FedAvg
 from hfl_mqtt.brokers import BrokerConfig, MosquittoBroker, find_mosquitto
 from hfl_mqtt.codec import (
@@ -154,7 +154,9 @@ class Timing:
     close_s: float = 0.0
     """In ``_close_round``: aggregate, then publish the next model (or report up)."""
     aggregate_s: float = 0.0
-    """In the strategy's ``aggregate`` (FedAvg)."""
+    """In FedAvg: folding each delta in (``add``, within the update step) and ``finish``."""
+    add_s: float = 0.0
+    """In FedAvg's ``add`` alone."""
     handled: int = 0
     close_spans: list[tuple[float, float, float]] = field(default_factory=list)
     """(start, aggregate done, end) of every ``_close_round``."""
@@ -164,13 +166,24 @@ class Timing:
     last: tuple[float, ...] | None = None
 
     def snapshot(self, when: float) -> tuple[float, ...]:
-        return (when, time.process_time(), self.update_s, self.close_s, self.aggregate_s)
+        return (
+            when,
+            time.process_time(),
+            self.update_s,
+            self.close_s,
+            self.aggregate_s,
+            self.add_s,
+        )
 
 
 class TimedStrategy:
-    """Wraps a strategy and adds the time its ``aggregate`` takes to ``timing``."""
+    """Wraps FedAvg and adds the time its aggregation takes to ``timing``.
 
-    def __init__(self, inner: RoundStrategy, timing: Timing) -> None:
+    The aggregator folds each delta in as it arrives (``add``), so the aggregation time is that
+    of ``add`` (counted inside the update step too) plus ``finish`` at the round's close.
+    """
+
+    def __init__(self, inner: FedAvg, timing: Timing) -> None:
         self.inner, self.timing = inner, timing
         self.done = 0.0
 
@@ -178,6 +191,26 @@ class TimedStrategy:
         start = time.perf_counter()
         try:
             return self.inner.aggregate(model, updates)
+        finally:
+            self.done = time.perf_counter()
+            self.timing.aggregate_s += self.done - start
+
+    def start(self, model: Mapping[str, np.ndarray]) -> None:
+        self.inner.start(model)
+
+    def add(self, update: Update) -> None:
+        start = time.perf_counter()
+        try:
+            self.inner.add(update)
+        finally:
+            spent = time.perf_counter() - start
+            self.timing.aggregate_s += spent
+            self.timing.add_s += spent
+
+    def finish(self) -> Model:
+        start = time.perf_counter()
+        try:
+            return self.inner.finish()
         finally:
             self.done = time.perf_counter()
             self.timing.aggregate_s += self.done - start
@@ -514,6 +547,7 @@ def summarise_aggregator(
     update = last[2] - first[2]
     close = last[3] - first[3]
     aggregate = last[4] - first[4]
+    add = last[5] - first[5]
     per_round: dict[int, list[float]] = {}
     for when, version in zip(times, versions, strict=True):
         per_round.setdefault(version, []).append(when)
@@ -563,9 +597,9 @@ def summarise_aggregator(
         "ms_per_update": {
             "wall": ms(window),
             "cpu": ms(cpu),
-            "decode_and_check": ms(update),
+            "decode_and_check": ms(update - add),
             "aggregate_fedavg": ms(aggregate),
-            "close_round_rest": ms(close - aggregate),
+            "close_round_rest": ms(close - (aggregate - add)),
             "transport_and_loop": ms(cpu - update - close),
             "idle": ms(window - cpu),
         },
