@@ -67,6 +67,8 @@ class BrokerAddress(_Frozen):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    protocol: Literal["mqtt5", "mqtt311"] = "mqtt5"
+    """MQTT 5 (persistent sessions with an expiry); 3.1.1 only for brokers without 5."""
 
 
 class RoundConfig(_Frozen):

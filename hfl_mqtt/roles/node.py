@@ -39,6 +39,7 @@ def mqtt_link_factory(chunk_size: int) -> LinkFactory:
             online_payload=status_payload("online"),
             offline_payload=status_payload("offline"),
             chunk_size=chunk_size,
+            protocol=broker.protocol,
         )
 
     return make

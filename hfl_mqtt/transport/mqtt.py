@@ -18,6 +18,7 @@ import contextlib
 import random
 import socket
 from types import TracebackType
+from typing import Any
 
 import aiomqtt
 import structlog
@@ -54,6 +55,7 @@ class MqttLink(LinkBase):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         keepalive: int = 15,
         connect_timeout: float = 10.0,
+        protocol: str = "mqtt5",
         max_backoff: float = 5.0,
     ) -> None:
         super().__init__(chunk_size=chunk_size)
@@ -62,6 +64,7 @@ class MqttLink(LinkBase):
         self.online_payload = online_payload
         self._offline_payload = offline_payload
         self._keepalive = keepalive
+        self._protocol = protocol
         self._connect_timeout = connect_timeout
         self._max_backoff = max_backoff
         self._client: aiomqtt.Client | None = None
@@ -76,18 +79,25 @@ class MqttLink(LinkBase):
         return self._connected.is_set()
 
     def _new_client(self) -> aiomqtt.Client:
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S
         will = None
         if self._status_topic is not None:
             will = aiomqtt.Will(self._status_topic, self._offline_payload, qos=1, retain=True)
+        session: dict[str, Any]
+        if self._protocol == "mqtt311":
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+        else:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            session = {
+                "protocol": aiomqtt.ProtocolVersion.V5,
+                "clean_start": False,
+                "properties": properties,
+            }
         return aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=properties,
+            **session,
             will=will,
             keepalive=self._keepalive,
             timeout=PUBLISH_TIMEOUT_S,
