@@ -50,6 +50,20 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def train_result(
+    num_examples: int, steps: int, loss_sum: float, correct: int, seen: int
+) -> TrainResult:
+    """A ``TrainResult`` from the running sums of a training loop: mean loss, accuracy, steps."""
+    return TrainResult(
+        num_examples,
+        {
+            "loss": loss_sum / steps if steps else 0.0,
+            "accuracy": correct / seen if seen else 0.0,
+            "steps": float(steps),
+        },
+    )
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Mean cross-entropy loss and accuracy over ``num_examples`` evaluation examples."""

@@ -16,7 +16,14 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hfl_mqtt.tasks.base import EvalResult, TaskError, TrainConfig, TrainResult, check_weights
+from hfl_mqtt.tasks.base import (
+    EvalResult,
+    TaskError,
+    TrainConfig,
+    TrainResult,
+    check_weights,
+    train_result,
+)
 
 __all__ = [
     "LossAndGrads",
@@ -211,14 +218,7 @@ class NumpyTask:
             loss_sum += out.cross_entropy
             correct += int(np.count_nonzero(out.logits.argmax(axis=1) == y))
             seen += y.size
-        return TrainResult(
-            self.num_examples,
-            {
-                "loss": loss_sum / steps if steps else 0.0,
-                "accuracy": correct / seen if seen else 0.0,
-                "steps": float(steps),
-            },
-        )
+        return train_result(self.num_examples, steps, loss_sum, correct, seen)
 
     def evaluate(self) -> EvalResult:
         loss_sum, correct = 0.0, 0

@@ -20,7 +20,7 @@ except ImportError as e:
         "the torch models need PyTorch: install the 'torch' extra (pip install 'hfl-mqtt[torch]')"
     ) from e
 
-from hfl_mqtt.tasks.base import EvalResult, TrainConfig, TrainResult, check_weights
+from hfl_mqtt.tasks.base import EvalResult, TrainConfig, TrainResult, check_weights, train_result
 from hfl_mqtt.tasks.numpy_models import EVAL_CHUNK, batch_indices, check_data, init_params
 
 __all__ = ["MLP", "TorchTask"]
@@ -120,14 +120,7 @@ class TorchTask:
             loss_sum += float(data_loss.item())
             correct += int((logits.argmax(dim=1) == y).sum().item())
             seen += int(y.numel())
-        return TrainResult(
-            self.num_examples,
-            {
-                "loss": loss_sum / steps if steps else 0.0,
-                "accuracy": correct / seen if seen else 0.0,
-                "steps": float(steps),
-            },
-        )
+        return train_result(self.num_examples, steps, loss_sum, correct, seen)
 
     def evaluate(self) -> EvalResult:
         _single_thread()
