@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -32,12 +33,18 @@ from hfl_mqtt.brokers import (
     find_mosquitto,
 )
 from hfl_mqtt.config import BrokerAddress, FederationConfig, NodeConfig
+from hfl_mqtt.embedded import EmbeddedBroker, embedded_available
+from hfl_mqtt.errors import BrokerError, TransportError
+from hfl_mqtt.roles.messages import STOP
 from hfl_mqtt.roles.node import run_node
 from hfl_mqtt.roles.report import NodeReport
+from hfl_mqtt.topics import ctl_topic
+from hfl_mqtt.transport.mqtt import MqttLink
 
 __all__ = ["SUMMARY_VERSION", "Progress", "configure_logging", "simulate"]
 
 SUMMARY_VERSION = 1
+_STOP_TIMEOUT_S = 30.0
 log = structlog.get_logger("hfl_mqtt.sim")
 
 
@@ -89,13 +96,28 @@ def _run_worker_group(configs: list[str], log_level: int) -> list[dict[str, Any]
 
 
 @contextlib.contextmanager
-def _brokers(config: FederationConfig, workdir: Path) -> Iterator[dict[str, BrokerAddress]]:
-    """Start the brokers the federation asks for; yield which node's subtree uses which."""
-    if find_mosquitto() is None:
-        raise RuntimeError(
-            "no mosquitto binary on PATH: install Mosquitto (apt-get install mosquitto)"
-        )
+def _brokers(
+    config: FederationConfig, workdir: Path, progress: Progress | None
+) -> Iterator[dict[str, BrokerAddress]]:
+    """Start the brokers the federation asks for; yield which node's subtree uses which.
+
+    Without a ``mosquitto`` binary, one embedded amqtt broker (MQTT 3.1.1) stands in, if the
+    ``embedded`` extra is installed.
+    """
     root = config.levels[0].name
+    if find_mosquitto() is None:
+        if not embedded_available():
+            raise BrokerError(
+                "no mosquitto binary on PATH: install Mosquitto (apt-get install mosquitto), "
+                "or the embedded fallback broker (pip install 'hfl-mqtt[embedded]')"
+            )
+        if config.brokers == "per_edge":
+            raise BrokerError("per_edge brokers need Mosquitto (bridges): install it")
+        if progress is not None:
+            progress.say("no mosquitto on PATH: using the embedded amqtt broker (MQTT 3.1.1)")
+        with EmbeddedBroker() as embedded:
+            yield {root: BrokerAddress(host=embedded.host, port=embedded.port, protocol="mqtt311")}
+        return
     with contextlib.ExitStack() as stack:
         cloud = stack.enter_context(MosquittoBroker(BrokerConfig(), workdir / "broker-cloud"))
         addresses = {root: BrokerAddress(host=cloud.host, port=cloud.port)}
@@ -117,6 +139,41 @@ def _brokers(config: FederationConfig, workdir: Path) -> Iterator[dict[str, Brok
                 )
                 addresses[edge] = BrokerAddress(host=broker.host, port=broker.port)
         yield addresses
+
+
+async def _cancel_and_wait(run: asyncio.Future[Any]) -> None:
+    """Cancel ``run`` and wait until it ends. Python 3.11's ``asyncio.wait_for`` loses a
+    cancellation that arrives just as what it awaits completes: so cancel until it ends."""
+    while not run.done():
+        run.cancel()
+        await asyncio.wait({run}, timeout=0.1)
+    if not run.cancelled():
+        run.exception()  # retrieved, so not logged; awaiting ``run`` still raises it
+
+
+async def _stop_workers(workers: list[NodeConfig], done: asyncio.Future[Any]) -> None:
+    """Send every worker a stop on its control topic until ``done`` (bounded, best effort).
+
+    A worker still loading its task has not subscribed to its control topic yet, and a stop
+    sent before that is lost (it is not retained): so the stop is repeated.
+    """
+    by_broker: dict[BrokerAddress, list[str]] = {}
+    for worker in workers:
+        assert worker.upstream is not None
+        topic = ctl_topic(worker.federation, worker.node)
+        by_broker.setdefault(worker.upstream.broker, []).append(topic)
+    client_id = f"hfl-sim-stop-{os.getpid()}"
+    with contextlib.suppress(TransportError, TimeoutError):
+        async with asyncio.timeout(_STOP_TIMEOUT_S), contextlib.AsyncExitStack() as stack:
+            links: list[tuple[MqttLink, list[str]]] = []
+            for broker, topics in by_broker.items():
+                link = MqttLink(broker.host, broker.port, client_id, protocol=broker.protocol)
+                links.append((await stack.enter_async_context(link), topics))
+            while not done.done():
+                for entered, topics in links:
+                    for topic in topics:
+                        await entered.publish(topic, STOP)
+                await asyncio.wait({done}, timeout=0.5)
 
 
 def _level_totals(
@@ -149,10 +206,13 @@ async def simulate(
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     workdir = out / "run"
-    workdir.mkdir(exist_ok=True)
+    # Brokers start afresh: a database left by an earlier run would hand its retained models
+    # and sessions to this one.
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
     metrics_path = out / "metrics.jsonl"
     events: list[dict[str, Any]] = []
-    with _brokers(config, workdir) as brokers, metrics_path.open("w") as metrics_file:
+    with _brokers(config, workdir, progress) as brokers, metrics_path.open("w") as metrics_file:
         nodes = config.node_configs(brokers)
         workers = [n for n in nodes if n.role == "worker"]
         aggregators = [n for n in nodes if n.role != "worker"]
@@ -182,9 +242,21 @@ async def simulate(
                 )
                 for share in shares
             ]
-            aggregator_runs = [run_node(n, on_event=on_event) for n in aggregators]
-            aggregator_reports = await asyncio.gather(*aggregator_runs)
+            aggregator_runs = asyncio.gather(*(run_node(n, on_event=on_event) for n in aggregators))
+            workers_done = asyncio.gather(*worker_runs, return_exceptions=True)
+            runs: set[asyncio.Future[Any]] = {aggregator_runs, *worker_runs}
+            try:
+                await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                if not (aggregator_runs.done() and workers_done.done()):
+                    # An aggregator failed, a worker process failed (its task did not load, it
+                    # died), or we are cancelled: the other nodes would wait for it forever (a
+                    # root waits for its minimum of children), and leaving the pool waits for
+                    # every worker process. Stop the aggregators here, the workers by message.
+                    await _cancel_and_wait(aggregator_runs)
+                    await _stop_workers(workers, workers_done)
             worker_reports = [r for group in await asyncio.gather(*worker_runs) for r in group]
+            aggregator_reports = await aggregator_runs
     reports = [r.to_dict() for r in aggregator_reports] + worker_reports
     summary = _summary(config, reports, events, time.monotonic() - started, brokers)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -23,7 +23,6 @@ SMALL = FederationConfig.model_validate(
             {"name": "worker", "uplink_codec": "q8"},
         ],
         "fanout": [2, 2],
-        "chunk_size": 4096,  # models as retained chunks, through amqtt too
         "task": {"model": "mlp", "train": {"learning_rate": 0.5}},
     }
 )

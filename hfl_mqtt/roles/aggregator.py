@@ -95,6 +95,9 @@ class Aggregator:
         self.report = NodeReport(
             config.node, role, config.level, up=up.stats if up else None, down=down.stats
         )
+        for link in (down, up):
+            if link is not None:
+                link.on_reject = self.report.reject_decode
         self._down_codec = Compressor(config.downstream.codec, seed=config.task.seed + 7)
         self._up_codec: Compressor | None = None
         if config.upstream is not None:
@@ -158,8 +161,11 @@ class Aggregator:
             timeout = None
             if self._collecting is not None and not self._deadline_logged:
                 timeout = max(0.0, self._deadline - time.monotonic())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as a message is queued, and the node would run on.
             try:
-                message = await asyncio.wait_for(self._events.get(), timeout)
+                async with asyncio.timeout(timeout):
+                    message = await self._events.get()
             except TimeoutError:
                 await self._maybe_close_round()
                 continue

@@ -52,6 +52,10 @@ class NodeReport:
     down: LinkStats | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
+    def reject_decode(self, topic: str, exc: DecodeError) -> None:
+        """Count a message that failed to decode (also what a link's reassembler refused)."""
+        self.reject(reject_reason(exc), topic, str(exc))
+
     def reject(self, reason: str, topic: str, detail: str = "") -> None:
         """Count and log a refused message; the node goes on."""
         self.updates_rejected[reason] += 1

@@ -40,6 +40,7 @@ class Worker:
         self.up = up
         self.task = task
         self.report = NodeReport(config.node, "worker", config.level, up=up.stats)
+        up.on_reject = self.report.reject_decode
         self._compressor = Compressor(
             config.upstream.codec,
             error_feedback=config.upstream.error_feedback,

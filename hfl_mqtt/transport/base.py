@@ -10,7 +10,9 @@ dropped and counted, never raised into the node.
 from __future__ import annotations
 
 import asyncio
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -23,7 +25,8 @@ __all__ = ["Incoming", "LinkBase", "LinkStats"]
 
 log = structlog.get_logger("hfl_mqtt.transport")
 
-_CHUNK_MARK = "/chunk/"
+_CHUNK_SUFFIX = re.compile(r"/chunk/[0-9]+$")
+"""Where a retained chunk lives: ``{topic}/chunk/{i}`` (a node may be named ``chunk``)."""
 
 MAX_TRANSFERS = 1024
 """Chunked messages a link reassembles at once. A parent's link takes one from every child at
@@ -90,6 +93,8 @@ class LinkBase(ABC):
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
         self._reassembler = Reassembler(max_transfers=max_transfers)
         self._retained_chunks: dict[str, int] = {}
+        self.on_reject: Callable[[str, DecodeError], None] | None = None
+        """Told of every chunk the reassembler refuses (the node counts it as a rejection)."""
 
     @abstractmethod
     async def _send(self, topic: str, payload: bytes, retain: bool) -> None:
@@ -148,14 +153,17 @@ class LinkBase(ABC):
         """
         if not payload:
             return  # a cleared retained topic
-        mark = topic.find(_CHUNK_MARK)
-        base_topic = topic[:mark] if mark >= 0 else topic
+        chunk = _CHUNK_SUFFIX.search(topic)
+        base_topic = topic[: chunk.start()] if chunk else topic
         if is_chunk(payload):
             try:
                 whole = self._reassembler.add(payload)
             except DecodeError as exc:
                 self.stats.chunks_rejected += 1
-                log.warning("chunk rejected", topic=topic, reason=str(exc))
+                if self.on_reject is not None:
+                    self.on_reject(base_topic, exc)
+                else:
+                    log.warning("chunk rejected", topic=topic, reason=str(exc))
                 return
             if whole is None:
                 return

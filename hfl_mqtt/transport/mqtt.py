@@ -108,14 +108,20 @@ class MqttLink(LinkBase):
     async def __aenter__(self) -> MqttLink:
         self._closing = False
         self._runner = asyncio.create_task(self._run(), name=f"mqtt-link:{self.client_id}")
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+        # arrives just as the connection is made, and the caller would carry on.
         try:
-            await asyncio.wait_for(self._connected.wait(), self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                await self._connected.wait()
         except TimeoutError:
             await self._stop_runner()
             raise TransportError(
                 f"could not connect to the MQTT broker at {self.host}:{self.port} "
                 f"within {self._connect_timeout:.0f} s"
             ) from None
+        except BaseException:
+            await self._stop_runner()  # cancelled while connecting: no runner outlives us
+            raise
         return self
 
     async def __aexit__(
@@ -124,13 +130,14 @@ class MqttLink(LinkBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._status_topic is not None and self.connected:
-            with contextlib.suppress(TransportError, TimeoutError):
-                await asyncio.wait_for(
-                    self._send(self._status_topic, self._offline_payload, True), 2.0
-                )
-        self._closing = True
-        await self._stop_runner()
+        try:
+            if self._status_topic is not None and self.connected:
+                with contextlib.suppress(TransportError, TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await self._send(self._status_topic, self._offline_payload, True)
+        finally:
+            self._closing = True
+            await self._stop_runner()
 
     async def _stop_runner(self) -> None:
         if self._runner is not None:
