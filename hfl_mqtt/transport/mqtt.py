@@ -34,6 +34,7 @@ __all__ = ["MqttLink"]
 log = structlog.get_logger("hfl_mqtt.transport")
 
 SESSION_EXPIRY_S = 3600
+ATTEMPT_TIMEOUT_S = 5.0
 PUBLISH_TIMEOUT_S = 10.0
 PUBLISH_FLOOR_BYTES_PER_S = 2_000_000
 """aiomqtt waits 10 s for an acknowledgement by default; a large payload gets 10 s plus one
@@ -54,7 +55,7 @@ class MqttLink(LinkBase):
         offline_payload: bytes = b'{"state": "offline"}',
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         keepalive: int = 15,
-        connect_timeout: float = 10.0,
+        connect_timeout: float = 20.0,
         protocol: str = "mqtt5",
         max_backoff: float = 5.0,
     ) -> None:
@@ -100,7 +101,9 @@ class MqttLink(LinkBase):
             **session,
             will=will,
             keepalive=self._keepalive,
-            timeout=PUBLISH_TIMEOUT_S,
+            # One connect attempt (and a subscribe) may take this long; a broker that accepts
+            # the socket but never answers is then retried within connect_timeout.
+            timeout=ATTEMPT_TIMEOUT_S,
             max_inflight_messages=64,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
