@@ -405,7 +405,7 @@ class MosquittoBroker:
         self.config = config or BrokerConfig()
         self._executable = executable
         self._owns_workdir = workdir is None
-        self._workdir = workdir
+        self._workdir = workdir.resolve() if workdir is not None else None
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._port = self.config.port

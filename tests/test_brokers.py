@@ -380,3 +380,12 @@ def test_stop_leaves_no_process_and_close_removes_the_workdir() -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not workdir.exists()
+
+
+@needs_mosquitto
+def test_a_relative_workdir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # hfl-mqtt sim --out out/demo gives a relative path; mosquitto runs in the workdir.
+    monkeypatch.chdir(tmp_path)
+    with MosquittoBroker(BrokerConfig(), Path("relative/broker")) as broker:
+        assert broker.running
+        assert broker.workdir == tmp_path / "relative" / "broker"
