@@ -40,7 +40,7 @@ from hfl_mqtt.roles.messages import (
     parse_status,
     subtract,
 )
-from hfl_mqtt.roles.report import NodeReport, reject_reason
+from hfl_mqtt.roles.report import Arrival, NodeReport, reject_reason
 from hfl_mqtt.tasks.base import Task
 from hfl_mqtt.topics import (
     ctl_topic,
@@ -293,7 +293,7 @@ class Aggregator:
             self._streaming.add(update)
             update = Update(child, self.version, {}, header.num_examples, header.update_id, {})
         self._collecting[child] = update
-        self.report.updates_accepted += 1
+        self.report.accept(Arrival(time.monotonic() - self._started, child, 0, 1.0))
         await self._maybe_close_round()
 
     async def _maybe_close_round(self) -> None:

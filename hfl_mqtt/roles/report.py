@@ -17,7 +17,7 @@ from hfl_mqtt.errors import (
 )
 from hfl_mqtt.transport.base import LinkStats
 
-__all__ = ["NodeReport", "reject_reason"]
+__all__ = ["Arrival", "NodeReport", "reject_reason"]
 
 _KIND_FIELDS = ("messages_sent", "bytes_sent", "messages_received", "bytes_received")
 
@@ -37,6 +37,17 @@ def reject_reason(exc: DecodeError) -> str:
     return "malformed"
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One accepted update: when (seconds since the node started), from whom, how stale (the
+    aggregator's version minus the update's base version) and the weight it was given."""
+
+    seconds: float
+    sender: str
+    staleness: int
+    weight: float
+
+
 @dataclass
 class NodeReport:
     """Counters of one node, merged into ``summary.json`` by the simulator."""
@@ -51,6 +62,12 @@ class NodeReport:
     up: LinkStats | None = None
     down: LinkStats | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: list[Arrival] = field(default_factory=list)
+
+    def accept(self, arrival: Arrival) -> None:
+        """Count an accepted update and keep its staleness for the telemetry."""
+        self.updates_accepted += 1
+        self.arrivals.append(arrival)
 
     def reject_decode(self, topic: str, exc: DecodeError) -> None:
         """Count a message that failed to decode (also what a link's reassembler refused)."""
@@ -97,6 +114,9 @@ class NodeReport:
             "updates_accepted": self.updates_accepted,
             "updates_rejected": dict(self.updates_rejected),
             "trained": self.trained,
+            "arrivals": [
+                [round(a.seconds, 4), a.sender, a.staleness, a.weight] for a in self.arrivals
+            ],
             "up": link(self.up),
             "down": link(self.down),
         }

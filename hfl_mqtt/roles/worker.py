@@ -2,8 +2,10 @@
 
 For every new model its parent publishes, the worker trains from it (in a thread, so the event
 loop keeps the MQTT keepalives going) and publishes ``trained - received`` against the
-version it received. A newer model that arrives during training wins: the stale result is
-dropped, not sent.
+version it received. Under a synchronous parent, a newer model that arrives during training
+wins: the stale result is dropped, not sent (the parent would refuse it). An asynchronous
+parent (its models say ``async``) takes late results, weighted by their staleness: the worker
+sends what it trained and then trains from the newest model, skipping the ones in between.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Worker:
         await self.up.subscribe(model_topic(fed, self.parent), chunked_retained=True)
         await self.up.subscribe(ctl_topic(fed, me))
         while True:
-            message = self._pending.popleft() if self._pending else await self.up.receive()
+            message = self._next_message() or await self.up.receive()
             topic = parse_topic(message.topic)
             if topic is None or topic.federation != fed:
                 continue
@@ -87,7 +89,8 @@ class Worker:
         log_round = self._log.bind(base_version=version)
         trained, result = await asyncio.to_thread(self._train, model)
         self.report.trained += 1
-        if self._newer_model_waiting():
+        newer_waiting = self._newer_model_waiting()  # also sets aside what arrived meanwhile
+        if newer_waiting and not envelope.header.metrics.get("async"):
             log_round.info("newer model arrived during training: result dropped")
             return
         delta = subtract(trained, model)
@@ -114,6 +117,15 @@ class Worker:
         self.task.set_weights(model)
         result = self.task.train(self.config.task.train)
         return self.task.get_weights(), result
+
+    def _next_message(self) -> Incoming | None:
+        """The next message put aside during training, skipping models a later one replaces."""
+        model = model_topic(self.config.federation, self.parent)
+        while self._pending:
+            message = self._pending.popleft()
+            if message.topic != model or all(m.topic != model for m in self._pending):
+                return message
+        return None
 
     def _newer_model_waiting(self) -> bool:
         """Move what arrived during training aside; True if a new parent model is among it."""
