@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -118,8 +119,10 @@ def aggregator_config(
     min_fraction: float = 1.0,
     down_codec: str = "npy",
     up_codec: str = "npy",
+    **settings: Any,
 ) -> NodeConfig:
-    """A root (no ``parent``) or an aggregator; lossless codecs unless told."""
+    """A root (no ``parent``) or an aggregator; lossless codecs unless told. ``settings`` go to
+    ``DownstreamConfig`` (``mode``, ``buffer_size``, ...)."""
     return NodeConfig(
         federation=FED,
         node=node,
@@ -130,6 +133,7 @@ def aggregator_config(
             rounds=rounds,
             deadline_s=deadline_s,
             min_fraction=min_fraction,
+            **settings,
         ),
         level=0 if parent is None else 1,
     )
@@ -259,10 +263,13 @@ class Peer:
         await self.send(payload)
         return payload
 
-    async def publish_model(self, model: Mapping[str, np.ndarray]) -> int:
-        """As a parent: publish the next version of our model, retained; returns the version."""
+    async def publish_model(
+        self, model: Mapping[str, np.ndarray], **metrics: float | int | str | bool
+    ) -> int:
+        """As a parent: publish the next version of our model, retained; returns the version.
+        ``metrics`` go in its header (``async=True`` plays an asynchronous parent)."""
         self._version += 1
-        payload = model_message(FED, self.name, self._version, model, self._compressor)
+        payload = model_message(FED, self.name, self._version, model, self._compressor, metrics)
         await self.link.publish(model_topic(FED, self.name), payload, retain=True)
         return self._version
 

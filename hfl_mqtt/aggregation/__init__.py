@@ -1,6 +1,20 @@
-"""Aggregation strategies: pure, synchronous, no I/O."""
+"""Aggregation strategies: pure math, no I/O. Synchronous (FedAvg) and asynchronous (FedAsync,
+FedBuff), with the staleness weights the asynchronous ones use."""
 
 from hfl_mqtt.aggregation.base import Model, RoundStrategy, StreamingStrategy, Update
+from hfl_mqtt.aggregation.fedasync import FedAsync
 from hfl_mqtt.aggregation.fedavg import FedAvg, weighted_mean
+from hfl_mqtt.aggregation.fedbuff import FedBuff
+from hfl_mqtt.aggregation.staleness import StalenessFunction
 
-__all__ = ["FedAvg", "Model", "RoundStrategy", "StreamingStrategy", "Update", "weighted_mean"]
+__all__ = [
+    "FedAsync",
+    "FedAvg",
+    "FedBuff",
+    "Model",
+    "RoundStrategy",
+    "StalenessFunction",
+    "StreamingStrategy",
+    "Update",
+    "weighted_mean",
+]

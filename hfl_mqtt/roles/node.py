@@ -15,6 +15,7 @@ from typing import Any
 
 from hfl_mqtt.config import BrokerAddress, NodeConfig
 from hfl_mqtt.roles.aggregator import Aggregator, EventCallback
+from hfl_mqtt.roles.async_aggregator import AsyncAggregator
 from hfl_mqtt.roles.messages import status_payload
 from hfl_mqtt.roles.report import NodeReport
 from hfl_mqtt.roles.worker import Worker
@@ -78,7 +79,9 @@ async def run_node(
         evaluator = None
         if up is None:
             evaluator = load_task(config.task, None, config.num_partitions)
-        return await Aggregator(config, down, up, evaluator=evaluator, on_event=on_event).run()
+        is_async = config.downstream is not None and config.downstream.is_async
+        mode = AsyncAggregator if is_async else Aggregator
+        return await mode(config, down, up, evaluator=evaluator, on_event=on_event).run()
     raise AssertionError("unreachable")
 
 

@@ -1,0 +1,476 @@
+"""What every aggregator does, whatever its mode: links, checks, the parent's model, reporting up.
+
+An aggregator (edge, region or cloud) is a model ``x`` at a version, published retained to its
+children, and the updates they send against it. How updates become the next model is the mode's
+business (``roles/aggregator.py``: synchronous rounds; ``roles/async_aggregator.py``: FedAsync
+and FedBuff); this base owns the rest.
+
+Versions across levels (docs/asynchronous.md has a worked example). A non-root aggregator is
+based on a parent version ``c`` with model ``M_c``; ``anchor`` is the model at its last report
+(or at the last rebase), so ``x - anchor`` is what it has not reported yet. Reporting sends
+``x - anchor`` against ``c``. When the parent publishes ``M'``, the aggregator rebases:
+``x <- M' + (x - anchor)``: what it reported is in ``M'`` (or on its way there) and is not
+counted twice; what it has not reported is kept. A synchronous parent refuses a report that
+misses its round; its model says which children it took (``participants``), and a report it did
+not take stays in ``x - anchor`` (the anchor moves only once the parent confirms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import structlog
+
+from hfl_mqtt.aggregation.base import Model, Update
+from hfl_mqtt.codec import Compressor, Envelope, Header, ModelSpec, parse_spec
+from hfl_mqtt.config import NodeConfig
+from hfl_mqtt.errors import DecodeError, TransportError
+from hfl_mqtt.roles.messages import (
+    STOP,
+    RecentIds,
+    decode_from,
+    delta_message,
+    model_message,
+    parse_ctl,
+    parse_status,
+    subtract,
+)
+from hfl_mqtt.roles.report import NodeReport, reject_reason
+from hfl_mqtt.tasks.base import Task
+from hfl_mqtt.topics import (
+    ctl_topic,
+    model_topic,
+    parse_topic,
+    status_topic,
+    up_filter,
+    up_topic,
+)
+from hfl_mqtt.transport.base import Incoming, LinkBase
+
+__all__ = ["AggregatorBase", "EventCallback"]
+
+log = structlog.get_logger("hfl_mqtt.roles")
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+MetricDict = dict[str, float | int | str | bool]
+
+_MAX_COUNT = 2**53
+_MAX_PARTICIPANTS_TEXT = 4000
+"""Longest ``participants`` list a model carries (header strings stop at 4096): beyond it the
+list is left out and children take their report as taken."""
+
+
+class AggregatorBase(ABC):
+    """An edge, region or cloud node: updates from its children, deltas to its parent."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        down: LinkBase,
+        up: LinkBase | None = None,
+        *,
+        evaluator: Task | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        if config.downstream is None:
+            raise ValueError(f"aggregator {config.node} needs a downstream link")
+        if (up is None) != (config.upstream is None):
+            raise ValueError("an upstream link goes with an upstream config")
+        self.config = config
+        self.rounds_config = config.downstream
+        self.children = list(config.downstream.children)
+        self.down, self.up = down, up
+        self.is_root = config.upstream is None
+        if self.is_root and evaluator is None:
+            raise ValueError("the root needs an evaluator task (its initial model and test data)")
+        self.evaluator = evaluator
+        # A delta may not take the model beyond what the downlink can carry (fp16: 65504).
+        fp16_down = parse_spec(config.downstream.codec).values == "fp16"
+        self._value_limit = 65504.0 if fp16_down else 1e38
+        self._model_peak = 0.0
+        self.on_event = on_event
+        role = "root" if self.is_root else "aggregator"
+        self.report = NodeReport(
+            config.node, role, config.level, up=up.stats if up else None, down=down.stats
+        )
+        for link in (down, up):
+            if link is not None:
+                link.on_reject = self.report.reject_decode
+        self._down_codec = Compressor(config.downstream.codec, seed=config.task.seed + 7)
+        self._up_codec: Compressor | None = None
+        if config.upstream is not None:
+            self._up_codec = Compressor(
+                config.upstream.codec,
+                error_feedback=config.upstream.error_feedback,
+                seed=config.task.seed + 11,
+            )
+        self._events: asyncio.Queue[Incoming] = asyncio.Queue(1000)
+        self._seen = RecentIds()
+        self._offline: set[str] = set()
+        self._children_bytes: dict[str, tuple[int, int]] = {}
+        self.model: Model | None = None
+        self.spec: ModelSpec | None = None
+        self.version = 0
+        self.parent_model: Model | None = None
+        self.parent_version: int | None = None
+        self.parent_async = False
+        """The parent's models say it aggregates asynchronously (it takes late reports)."""
+        self._anchor: Model | None = None
+        self._sent: tuple[Model, int, int] | None = None
+        """Under a synchronous parent: x, examples and updates of the report against the
+        current parent version, until the parent's next model says whether it was taken."""
+        self._examples_unreported = 0
+        """Examples behind ``x - anchor`` (the weight of the next report)."""
+        self._updates_unreported = 0
+        """Children's updates folded into ``x - anchor``."""
+        self._started = time.monotonic()
+        max_seconds = config.downstream.max_seconds
+        self._stop_at = self._started + max_seconds if self.is_root and max_seconds else None
+        self._finished = False
+        self._log = log.bind(node=config.node, role=role)
+
+    # --- what a mode provides -------------------------------------------------------------------
+
+    @abstractmethod
+    async def _begin(self) -> None:
+        """The root's first model is ready: start."""
+
+    @abstractmethod
+    async def _accept(self, child: str, envelope: Envelope, topic: str) -> None:
+        """A decoded, unseen update from a known child: check its version, fold it in."""
+
+    @abstractmethod
+    async def _parent_model(self, model: Model, header: Header) -> None:
+        """A new model from the parent (``parent_model`` and ``parent_version`` not yet set)."""
+
+    @abstractmethod
+    def _wakeup_in(self) -> float | None:
+        """Seconds until ``_on_timer`` is due (None: nothing is)."""
+
+    @abstractmethod
+    async def _on_timer(self) -> None: ...
+
+    async def _children_changed(self) -> None:  # noqa: B027 (optional hook)
+        """A child went offline."""
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> NodeReport:
+        """Run until the global rounds are done (root) or the parent says stop."""
+        fed, me = self.config.federation, self.config.node
+        async with asyncio.TaskGroup() as tasks:
+            pumps = [tasks.create_task(self._pump(self.down), name=f"{me}:down")]
+            if self.up is not None and self.up is not self.down:
+                pumps.append(tasks.create_task(self._pump(self.up), name=f"{me}:up"))
+            await self.down.subscribe(up_filter(fed, me))
+            for child in self.children:
+                await self.down.subscribe(status_topic(fed, child))
+            control = self.up if self.up is not None else self.down
+            await control.subscribe(ctl_topic(fed, me))
+            if self.up is not None and self.config.upstream is not None:
+                parent_model = model_topic(fed, self.config.upstream.parent)
+                await self.up.subscribe(parent_model, chunked_retained=True)
+            try:
+                await self._loop()
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+        return self.report
+
+    async def _pump(self, link: LinkBase) -> None:
+        while True:
+            await self._events.put(await link.receive())
+
+    async def _loop(self) -> None:
+        if self.is_root:
+            assert self.evaluator is not None
+            self.model = await asyncio.to_thread(self.evaluator.get_weights)
+            self.spec = ModelSpec.from_arrays(self.model)
+            await self._begin()
+        while not self._finished:
+            timeout = self._wakeup_in()
+            if self._stop_at is not None:
+                until_stop = max(0.0, self._stop_at - time.monotonic())
+                timeout = until_stop if timeout is None else min(timeout, until_stop)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as a message is queued, and the node would run on.
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await self._events.get()
+            except TimeoutError:
+                if self._stop_at is not None and time.monotonic() >= self._stop_at:
+                    self._log.info("time budget spent: stopping")
+                    await self._finish()
+                else:
+                    await self._on_timer()
+                continue
+            await self._handle(message)
+
+    async def _handle(self, message: Incoming) -> None:
+        topic = parse_topic(message.topic)
+        fed, me = self.config.federation, self.config.node
+        if topic is None or topic.federation != fed:
+            return
+        if topic.kind == "ctl" and topic.node == me:
+            if parse_ctl(message.payload) == "stop":
+                self._log.info("stopping on request")
+                await self._finish()
+        elif topic.kind == "up" and topic.node == me and topic.child:
+            await self._on_update(topic.child, message)
+        elif topic.kind == "status" and topic.node in self.children:
+            state = parse_status(message.payload)
+            if state == "offline":
+                self._offline.add(topic.node)
+                self._log.info("child offline", child=topic.node)
+                await self._children_changed()
+            elif state is not None:
+                self._offline.discard(topic.node)
+        elif (
+            topic.kind == "model"
+            and self.config.upstream is not None
+            and topic.node == self.config.upstream.parent
+        ):
+            await self._on_parent_model(message)
+
+    async def _finish(self) -> None:
+        await self._stop_children()
+        self._finished = True
+
+    # --- updates from the children --------------------------------------------------------------
+
+    async def _on_update(self, child: str, message: Incoming) -> None:
+        if child not in self.children:
+            self.report.reject("unknown_sender", message.topic, child)
+            return
+        try:
+            envelope = decode_from(
+                message.payload, kind="delta", sender=child, federation=self.config.federation
+            )
+        except DecodeError as exc:
+            self.report.reject(reject_reason(exc), message.topic, str(exc))
+            return
+        if self._seen.seen(envelope.header.update_id):
+            self.report.reject("duplicate", message.topic, envelope.header.update_id)
+            return
+        await self._accept(child, envelope, message.topic)
+
+    def _delta_of(self, envelope: Envelope, topic: str, lr: float) -> Model | None:
+        """The update's tensors, checked against the model and the downlink's range; None
+        (counted, logged) if they do not fit."""
+        try:
+            delta = envelope.arrays(expect=self.spec)
+        except DecodeError as exc:
+            self.report.reject(reject_reason(exc), topic, str(exc))
+            return None
+        peak = max((float(np.abs(v).max()) for v in delta.values() if v.size), default=0.0)
+        if self._model_peak + lr * peak > self._value_limit:
+            self.report.reject("out_of_range", topic, f"|delta| up to {peak:.3g}")
+            return None
+        metrics = envelope.header.metrics
+        tree_bytes, tree_messages = metrics.get("tree_bytes", 0), metrics.get("tree_messages", 0)
+        if _is_count(tree_bytes) and _is_count(tree_messages):
+            sender = envelope.header.sender
+            self._children_bytes[sender] = (tree_bytes, tree_messages)  # type: ignore[assignment]
+        return delta
+
+    def _update(self, envelope: Envelope, delta: Mapping[str, Any]) -> Update:
+        header = envelope.header
+        return Update(
+            header.sender,
+            header.base_version or 0,
+            delta,
+            header.num_examples,
+            header.update_id,
+            header.metrics,
+        )
+
+    # --- the model down -------------------------------------------------------------------------
+
+    async def _publish_model(self, metrics: MetricDict) -> None:
+        """Publish ``model`` as the next version, retained, for the broker to fan out."""
+        assert self.model is not None
+        self.version += 1
+        metrics = {"async": self.rounds_config.is_async, **metrics}
+        if self.parent_version is not None:
+            metrics["parent_version"] = self.parent_version
+        payload = model_message(
+            self.config.federation,
+            self.config.node,
+            self.version,
+            self.model,
+            self._down_codec,
+            metrics,
+        )
+        await self.down.publish(
+            model_topic(self.config.federation, self.config.node), payload, retain=True
+        )
+        self._model_peak = max(
+            (float(np.abs(v).max()) for v in self.model.values() if v.size), default=0.0
+        )
+
+    @staticmethod
+    def participants_metric(senders: list[str]) -> MetricDict:
+        """The children whose updates a model took, if the list fits in a header."""
+        text = ",".join(sorted(senders))
+        return {"participants": text} if len(text) <= _MAX_PARTICIPANTS_TEXT else {}
+
+    # --- the parent's model ---------------------------------------------------------------------
+
+    async def _on_parent_model(self, message: Incoming) -> None:
+        assert self.config.upstream is not None
+        try:
+            envelope = decode_from(
+                message.payload,
+                kind="model",
+                sender=self.config.upstream.parent,
+                federation=self.config.federation,
+            )
+            if self._seen.seen(envelope.header.update_id):
+                return
+            if self.parent_version is not None and envelope.header.version <= self.parent_version:
+                self.report.reject(
+                    "stale", message.topic, f"parent version {envelope.header.version} again"
+                )
+                return
+            model = envelope.arrays(expect=self.spec)
+        except DecodeError as exc:
+            self.report.reject(reject_reason(exc), message.topic, str(exc))
+            return
+        if self.spec is None:
+            self.spec = ModelSpec.from_arrays(model)
+        self.parent_async = envelope.header.metrics.get("async") is True
+        await self._parent_model(model, envelope.header)
+
+    def _rebase(self, model: Model, header: Header) -> Model:
+        """Move ``x`` onto the parent's new model, keeping what is not reported yet; returns
+        the shift ``x_new - x_old``. Sets the parent model, its version and the anchor."""
+        assert self.model is not None
+        assert self._anchor is not None
+        unreported_from = self._anchor
+        if self._sent is not None:
+            sent_model, sent_examples, sent_updates = self._sent
+            taken = header.metrics.get("participants")
+            if not isinstance(taken, str) or self.config.node in taken.split(","):
+                unreported_from = sent_model
+                self._examples_unreported -= sent_examples
+                self._updates_unreported -= sent_updates
+            else:
+                self._log.info("the parent did not take our report: it stays to be reported")
+        rebased = {k: model[k] + (v - unreported_from[k]) for k, v in self.model.items()}
+        shift = subtract(rebased, self.model)
+        self.model = rebased
+        self._adopt_parent(model, header)
+        return shift
+
+    def _adopt_parent(self, model: Model, header: Header) -> None:
+        self.parent_model = model
+        self.parent_version = header.version
+        self._anchor = model
+        self._sent = None
+
+    # --- reporting up ---------------------------------------------------------------------------
+
+    async def _report_up(self, participants: int, loss: float | None) -> None:
+        """Send ``x - anchor`` against the parent version; move the anchor if the parent takes
+        late reports, else remember what was sent until the parent's next model says."""
+        assert self.up is not None
+        assert self.config.upstream is not None
+        assert self.model is not None
+        assert self._anchor is not None
+        assert self._up_codec is not None
+        assert self.parent_version is not None
+        tree_bytes, tree_messages = self.tree_traffic()
+        metrics: MetricDict = {
+            "tree_bytes": tree_bytes,
+            "tree_messages": tree_messages,
+            "participants": participants,
+        }
+        if loss is not None:
+            metrics["loss"] = loss
+        examples = min(self._examples_unreported, _MAX_COUNT)
+        payload = delta_message(
+            self.config.federation,
+            self.config.node,
+            self.parent_version,
+            subtract(self.model, self._anchor),
+            examples,
+            self._up_codec,
+            metrics,
+        )
+        parent = self.config.upstream.parent
+        await self.up.publish(up_topic(self.config.federation, parent, self.config.node), payload)
+        sent = {k: v.copy() for k, v in self.model.items()}
+        if self.parent_async:
+            self._anchor = sent
+            self._examples_unreported = self._updates_unreported = 0
+        else:
+            self._sent = (sent, self._examples_unreported, self._updates_unreported)
+
+    # --- the root -------------------------------------------------------------------------------
+
+    async def _evaluate(self, participants: int, examples: int) -> None:
+        assert self.evaluator is not None
+        assert self.model is not None
+        model = self.model
+
+        def evaluate() -> Any:
+            assert self.evaluator is not None
+            self.evaluator.set_weights(model)
+            return self.evaluator.evaluate()
+
+        result = await asyncio.to_thread(evaluate)
+        tree_bytes, tree_messages = self.tree_traffic()
+        event: dict[str, Any] = {
+            "global_round": self.report.rounds,
+            "version": self.version,
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            "seconds": time.monotonic() - self._started,
+            "participants": participants,
+            "examples": examples,
+            "tree_bytes": tree_bytes,
+            "tree_messages": tree_messages,
+        }
+        self.report.evaluations.append(event)
+        self._log.info(
+            "global round",
+            round=event["global_round"],
+            accuracy=round(result.accuracy, 4),
+            loss=round(result.loss, 4),
+        )
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def tree_traffic(self) -> tuple[int, int]:
+        """Bytes and messages this subtree has published so far, as its children last told."""
+        sent = self.report.bytes_sent + sum(b for b, _ in self._children_bytes.values())
+        count = self.report.messages_sent + sum(m for _, m in self._children_bytes.values())
+        return sent, count
+
+    async def _stop_children(self) -> None:
+        for child in self.children:
+            with contextlib.suppress(TransportError):
+                await self.down.publish(ctl_topic(self.config.federation, child), STOP)
+
+
+def mean_metric(updates: list[Update], name: str) -> float | None:
+    """The example-weighted mean of a metric the updates report, if any does."""
+    values = [float(v) for u in updates if isinstance(v := u.metrics.get(name), int | float)]
+    if not values:
+        return None
+    weights = [
+        max(u.num_examples, 1) for u in updates if isinstance(u.metrics.get(name), int | float)
+    ]
+    return float(np.average(values, weights=weights))
+
+
+def _is_count(value: object) -> bool:
+    """A byte or message count a child may report: an int that sums safely."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_COUNT

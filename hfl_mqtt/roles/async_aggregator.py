@@ -1,0 +1,203 @@
+"""The asynchronous aggregator: FedAsync or FedBuff with its children, at any level.
+
+There are no rounds. Each update is checked on arrival like a synchronous one, then measured:
+its staleness is this aggregator's version minus the version it was computed against. Updates
+more than ``max_staleness`` versions behind are refused (``too_stale``). FedAsync folds every
+update in at once; FedBuff buffers ``buffer_size`` of them and then steps. Every step is a new
+version, published retained (workers under an asynchronous parent send late results instead of
+dropping them, and then train on the newest model).
+
+A non-root aggregator reports ``x - anchor`` to its parent on a schedule: every
+``report_every_updates`` folded updates, every ``report_every_s`` seconds, or whichever comes
+first; under a synchronous parent at most once per parent version (the parent would refuse a
+second report in its round). A new parent model is rebased onto at once (``aggregator_base``);
+updates waiting in a FedBuff buffer stay there and go into the next step. The root evaluates
+every ``eval_every`` versions and stops after ``rounds`` versions (or ``max_seconds``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from hfl_mqtt.aggregation.base import Model, Update
+from hfl_mqtt.aggregation.fedasync import FedAsync
+from hfl_mqtt.aggregation.fedbuff import FedBuff
+from hfl_mqtt.codec import Envelope, Header
+from hfl_mqtt.config import NodeConfig
+from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
+from hfl_mqtt.roles.report import Arrival
+from hfl_mqtt.tasks.base import Task
+from hfl_mqtt.transport.base import LinkBase
+
+__all__ = ["AsyncAggregator"]
+
+
+class AsyncAggregator(AggregatorBase):
+    """FedAsync or FedBuff with the children; reports up on a schedule."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        down: LinkBase,
+        up: LinkBase | None = None,
+        *,
+        evaluator: Task | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        super().__init__(config, down, up, evaluator=evaluator, on_event=on_event)
+        rc = self.rounds_config
+        if not rc.is_async:
+            raise ValueError(f"{config.node}: mode {rc.mode!r} is not asynchronous")
+        self.fedasync: FedAsync | None = None
+        self.fedbuff: FedBuff | None = None
+        if rc.mode == "fedasync":
+            self.fedasync = FedAsync(rc.mixing, rc.staleness_function(), rc.max_staleness)
+        else:
+            self.fedbuff = FedBuff(
+                rc.buffer_size,
+                rc.staleness_function(),
+                rc.server_lr,
+                weight_by_examples=rc.weight_by_examples,
+            )
+        self.report_every = rc.report_every_updates
+        if self.report_every is None and rc.report_every_s is None:
+            self.report_every = len(self.children)
+        self._folded_updates: list[Update] = []
+        """Their metrics (tensors dropped), for the report's mean loss."""
+        self._last_report = time.monotonic()
+        self._buffered: list[Update] = []
+        """What sits in FedBuff's buffer (tensors dropped), to count once it is folded."""
+
+    # --- versions -------------------------------------------------------------------------------
+
+    async def _begin(self) -> None:
+        await self._new_version({})
+
+    async def _new_version(self, metrics: dict[str, float | int | str | bool]) -> None:
+        await self._publish_model(metrics)
+        if self.fedasync is not None:
+            assert self.model is not None
+            self.fedasync.remember(self.version, self.model)
+
+    async def _parent_model(self, model: Model, header: Header) -> None:
+        if self.model is None or self._anchor is None:
+            self._adopt_parent(model, header)
+            self.model = {k: v.copy() for k, v in model.items()}
+        else:
+            shift = self._rebase(model, header)
+            if self.fedasync is not None:
+                self.fedasync.shift(shift)
+            self._log.info(
+                "rebased on the parent's model",
+                parent_version=header.version,
+                buffered=len(self.fedbuff) if self.fedbuff is not None else 0,
+            )
+        await self._new_version({})
+        await self._maybe_report()
+
+    # --- updates --------------------------------------------------------------------------------
+
+    async def _accept(self, child: str, envelope: Envelope, topic: str) -> None:
+        if self.model is None:
+            self.report.reject("stale", topic, "no model yet")
+            return
+        base = envelope.header.base_version
+        if base is None or base < 1 or base > self.version:
+            self.report.reject("stale", topic, f"base {base}, current {self.version}")
+            return
+        staleness = self.version - base
+        if staleness > self.rounds_config.max_staleness or (
+            self.fedasync is not None and not self.fedasync.knows(base)
+        ):
+            self.report.reject(
+                "too_stale",
+                topic,
+                f"{staleness} versions behind (max {self.rounds_config.max_staleness})",
+            )
+            return
+        lr = self.rounds_config.server_lr if self.fedbuff is not None else 1.0
+        delta = self._delta_of(envelope, topic, lr)
+        if delta is None:
+            return
+        update = self._update(envelope, delta)
+        seconds = time.monotonic() - self._started
+        if self.fedasync is not None:
+            weight = self.fedasync.weight(staleness)
+            self.model = self.fedasync.step(self.model, base, delta, staleness)
+            self._folded_now([update])
+            self.report.accept(Arrival(seconds, child, staleness, weight))
+            await self._stepped(1)
+            return
+        assert self.fedbuff is not None
+        weight = self.fedbuff.add(update, staleness)
+        self.report.accept(Arrival(seconds, child, staleness, weight))
+        self._buffered.append(_without_tensors(update))
+        if self.fedbuff.full:
+            self.model = self.fedbuff.step(self.model)
+            self._folded_now(self._buffered)
+            self._buffered = []
+            await self._stepped(self.fedbuff.buffer_size)
+
+    def _folded_now(self, updates: list[Update]) -> None:
+        self._updates_unreported += len(updates)
+        self._examples_unreported += sum(u.num_examples for u in updates)
+        self._folded_updates.extend(_without_tensors(u) for u in updates)
+
+    async def _stepped(self, updates: int) -> None:
+        """A new model: publish it; the root evaluates or stops, others may report."""
+        self.report.rounds += 1
+        await self._new_version({"updates": updates})
+        if self.is_root:
+            if self.report.rounds % self.rounds_config.eval_every == 0:
+                recent = self._folded_updates
+                await self._evaluate(len(recent), sum(u.num_examples for u in recent))
+                self._folded_updates = []
+            if self.report.rounds >= self.rounds_config.rounds:
+                if self.report.rounds % self.rounds_config.eval_every:
+                    await self._evaluate(0, 0)
+                await self._finish()
+            return
+        await self._maybe_report()
+
+    # --- reporting up ---------------------------------------------------------------------------
+
+    def _report_due(self) -> bool:
+        if self.is_root or self._updates_unreported == 0 or self.parent_version is None:
+            return False
+        if self._sent is not None:
+            return False  # a synchronous parent takes one report per version
+        by_count = self.report_every is not None and self._updates_unreported >= self.report_every
+        every_s = self.rounds_config.report_every_s
+        by_time = every_s is not None and time.monotonic() - self._last_report >= every_s
+        return by_count or by_time
+
+    async def _maybe_report(self) -> None:
+        if not self._report_due():
+            return
+        updates = self._folded_updates
+        await self._report_up(len(updates), mean_metric(updates, "loss"))
+        self._folded_updates = []
+        self._last_report = time.monotonic()
+
+    def _wakeup_in(self) -> float | None:
+        every_s = self.rounds_config.report_every_s
+        if self.is_root or every_s is None:
+            return None
+        return max(0.0, self._last_report + every_s - time.monotonic())
+
+    async def _on_timer(self) -> None:
+        if self._updates_unreported == 0 or self._sent is not None:
+            self._last_report = time.monotonic()  # nothing to send: the next period starts
+            return
+        await self._maybe_report()
+
+
+def _without_tensors(update: Update) -> Update:
+    return Update(
+        update.sender,
+        update.base_version,
+        {},
+        update.num_examples,
+        update.update_id,
+        update.metrics,
+    )
