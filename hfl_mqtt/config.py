@@ -9,11 +9,14 @@ A federation is a tree given level by level, from the root down to the workers::
       - {name: worker, uplink_codec: q4}
     fanout: [4, 8]                # 4 edges under the cloud, 8 workers under each edge
     task: {dataset: digits, model: softmax, partition: {scheme: dirichlet, alpha: 0.5}}
+    heterogeneity: {stragglers: 0.25, latency_ms: [5, 50], dropout: 0.02}   # optional
 
 ``rounds`` is how many rounds an aggregator runs with its children before it reports up (tau);
 at the root, the number of global rounds. ``uplink_codec`` is how a level's nodes send deltas to
 their parent, ``downlink_codec`` how an aggregator publishes its model. ``FederationConfig`` turns
-into one ``NodeConfig`` per node; ``hfl-mqtt run`` takes a single node's file.
+into one ``NodeConfig`` per node; ``hfl-mqtt run`` takes a single node's file. ``heterogeneity``
+gives simulated workers slower devices and links and dropouts, each worker's ``device`` drawn
+reproducibly from its seed.
 
 Errors name the file and the field: ``ConfigError: configs/x.yaml: levels.1.rounds: ...``.
 """
@@ -24,9 +27,20 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from hfl_mqtt.aggregation.staleness import StalenessFunction
 from hfl_mqtt.codec.spec import parse_spec
 from hfl_mqtt.errors import CodecSpecError, ConfigError
 from hfl_mqtt.tasks.base import TaskConfig
@@ -34,8 +48,10 @@ from hfl_mqtt.tasks.base import TaskConfig
 __all__ = [
     "BrokerAddress",
     "ConfigError",
+    "DeviceConfig",
     "DownstreamConfig",
     "FederationConfig",
+    "HeterogeneityConfig",
     "LevelConfig",
     "NodeConfig",
     "UpstreamConfig",
@@ -72,10 +88,14 @@ class BrokerAddress(_Frozen):
 
 
 class RoundConfig(_Frozen):
-    """How an aggregator runs synchronous rounds with its children."""
+    """How an aggregator works with its children: synchronous rounds, FedAsync or FedBuff."""
 
+    mode: Literal["sync", "fedasync", "fedbuff"] = "sync"
+    """``sync``: rounds that wait for the children; ``fedasync``: fold every update in as it
+    arrives; ``fedbuff``: fold every ``buffer_size`` updates. See docs/asynchronous.md."""
     rounds: Annotated[int, Field(ge=1)] = 1
-    """Rounds with the children before reporting up (tau); global rounds at the root."""
+    """sync: rounds with the children before reporting up (tau). At the root: the global rounds
+    (sync) or the model versions (fedasync, fedbuff) before the federation stops."""
     deadline_s: Annotated[float, Field(gt=0)] = 30.0
     """After this long a round closes with whoever answered, if there are enough of them."""
     min_fraction: Fraction = 0.5
@@ -84,12 +104,43 @@ class RoundConfig(_Frozen):
     min_children: Count | None = None
     """The same as a count; overrides ``min_fraction``."""
     server_lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    mixing: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """fedasync: ``a``, the share a fresh update gets (``a_t = a * s(staleness)``)."""
+    buffer_size: Annotated[int, Field(ge=1)] = 4
+    """fedbuff: K, the updates buffered before each step."""
+    weight_by_examples: bool = True
+    """fedbuff: weight each buffered delta by its example count too (the paper: no)."""
+    staleness: StalenessFunction | None = None
+    """The staleness weight; by default ``polynomial`` (a=0.5) for fedasync, ``fedbuff``
+    (1/sqrt(1+t)) for fedbuff."""
+    max_staleness: Annotated[int, Field(ge=0)] = 50
+    """Asynchronous modes: an update more versions behind than this is refused (too_stale)."""
+    report_every_updates: Count | None = None
+    """Asynchronous, not the root: report up after this many folded updates (and, with
+    ``report_every_s``, whichever comes first). Neither set: every len(children) updates."""
+    report_every_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Asynchronous, not the root: report up at least this often (if anything was folded)."""
+    eval_every: Count = 1
+    """Asynchronous root: evaluate every this many model versions."""
+    max_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """At the root: stop the federation after this long, whatever round it is in."""
 
     def min_count(self, children: int) -> int:
         """How many of ``children`` must answer before a round may close at its deadline."""
         if self.min_children is not None:
             return min(children, self.min_children)
         return max(1, math.ceil(self.min_fraction * children - 1e-9))
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode != "sync"
+
+    def staleness_function(self) -> StalenessFunction:
+        if self.staleness is not None:
+            return self.staleness
+        if self.mode == "fedbuff":
+            return StalenessFunction(function="fedbuff")
+        return StalenessFunction(function="polynomial", a=0.5)
 
 
 class UpstreamConfig(_Frozen):
@@ -115,6 +166,114 @@ class DownstreamConfig(RoundConfig):
     _codec = field_validator("codec")(_check_codec)
 
 
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Slowdown = Annotated[float, Field(ge=1, allow_inf_nan=False)]
+
+
+def _number_as_range(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (value, value)
+    return value
+
+
+def _ordered(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] > value[1]:
+        raise ValueError(f"a range is [low, high] with low <= high, got {list(value)}")
+    return value
+
+
+# A [low, high] range; a single number x means [x, x].
+NonNegativeRange = Annotated[
+    tuple[NonNegative, NonNegative], BeforeValidator(_number_as_range), AfterValidator(_ordered)
+]
+RateRange = Annotated[
+    tuple[Rate, Rate], BeforeValidator(_number_as_range), AfterValidator(_ordered)
+]
+
+
+class DeviceConfig(_Frozen):
+    """How one simulated worker's device differs from the machine it runs on: a slower CPU,
+    a slower link to its parent, dropping out for a while (``hfl_mqtt/roles/worker.py``)."""
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Seeds the worker's own draws (whether it drops out after a run, for how long)."""
+    slowdown: Slowdown = 1.0
+    """A training run takes at least ``slowdown * (training seconds + compute_s)``."""
+    compute_s: NonNegative = 0.0
+    """Simulated compute time added to every training run."""
+    latency_s: NonNegative = 0.0
+    """One-way latency added to the link to the parent, both directions."""
+    up_bytes_per_s: Rate | None = None
+    """Payload rate cap toward the parent; None: no cap."""
+    down_bytes_per_s: Rate | None = None
+    """Payload rate cap from the parent; None: no cap."""
+    dropout: Probability = 0.0
+    """Probability, after each training run, of going offline."""
+    offline_s: NonNegativeRange = (1.0, 5.0)
+    """How long a dropout lasts, drawn uniformly from this range each time."""
+
+
+_STRAGGLER_STREAM, _DEVICE_STREAM = 0, 1
+"""Seed sequences ``[seed, 0]`` (the straggler permutation) and ``[seed, 1, worker]`` (one
+worker's draws): distinct streams, so adding workers changes no other worker's device."""
+
+
+class HeterogeneityConfig(_Frozen):
+    """Simulated device differences across a federation's workers, drawn from ``seed``: the
+    same configuration gives the same devices and the same dropouts."""
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    compute_s: NonNegative = 0.0
+    """Simulated compute time added to every worker's training runs."""
+    stragglers: Probability = 0.0
+    """Share of the workers that are slow, rounded to the nearest whole worker (chosen by a
+    seeded permutation)."""
+    slowdown: Slowdown = 10.0
+    """How many times slower a straggler trains."""
+    latency_ms: NonNegativeRange = (0.0, 0.0)
+    """One-way latency each worker's link adds: a number, or [low, high] drawn per worker."""
+    bandwidth_kbps: RateRange | None = None
+    """Each worker's link cap in kbit/s, both directions: a number, [low, high] drawn per
+    worker, or None (no cap)."""
+    dropout: Probability = 0.0
+    """Probability, after each training run, that a worker drops out."""
+    offline_s: NonNegativeRange = (1.0, 5.0)
+    """How long a dropped-out worker stays away, drawn per dropout."""
+
+    def stragglers_of(self, workers: int) -> set[int]:
+        """Indexes of the slow workers among ``workers``."""
+        count = math.floor(self.stragglers * workers + 0.5)
+        order = np.random.default_rng([self.seed, _STRAGGLER_STREAM]).permutation(workers)
+        return {int(i) for i in order[:count]}
+
+    def devices(self, workers: int) -> list[DeviceConfig]:
+        """One device per worker, by worker index."""
+        slow = self.stragglers_of(workers)
+        devices = []
+        for index in range(workers):
+            rng = np.random.default_rng([self.seed, _DEVICE_STREAM, index])
+            # Every draw is made whatever the settings, so each keeps its place in the stream.
+            latency_ms = rng.uniform(*self.latency_ms)
+            kbps = rng.uniform(*(self.bandwidth_kbps or (1.0, 1.0)))
+            seed = int(rng.integers(2**63))
+            rate = None if self.bandwidth_kbps is None else float(kbps) * 1000 / 8
+            devices.append(
+                DeviceConfig(
+                    seed=seed,
+                    slowdown=self.slowdown if index in slow else 1.0,
+                    compute_s=self.compute_s,
+                    latency_s=float(latency_ms) / 1000,
+                    up_bytes_per_s=rate,
+                    down_bytes_per_s=rate,
+                    dropout=self.dropout,
+                    offline_s=self.offline_s,
+                )
+            )
+        return devices
+
+
 class NodeConfig(_Frozen):
     """Everything one node process needs (``hfl-mqtt run --config NODE.yaml``)."""
 
@@ -129,6 +288,8 @@ class NodeConfig(_Frozen):
     level: Annotated[int, Field(ge=0)] = 0
     """Depth in the tree, 0 at the root (for accounting)."""
     chunk_size: Annotated[int, Field(ge=1024)] = 1 << 20
+    device: DeviceConfig | None = None
+    """A worker's simulated device (slower compute and link, dropouts); None: as it is."""
 
     @model_validator(mode="after")
     def _has_a_link(self) -> NodeConfig:
@@ -136,6 +297,8 @@ class NodeConfig(_Frozen):
             raise ValueError("a node needs an upstream link, a downstream link, or both")
         if self.downstream is None and self.partition is None:
             raise ValueError("a worker (no downstream) needs its data partition")
+        if self.device is not None and self.downstream is not None:
+            raise ValueError("device applies to workers only (a node without downstream)")
         return self
 
     @property
@@ -145,20 +308,20 @@ class NodeConfig(_Frozen):
         return "aggregator" if self.downstream is not None else "worker"
 
 
-class LevelConfig(_Frozen):
-    """One tier of the tree; every node of a tier shares these settings."""
+class LevelConfig(RoundConfig):
+    """One tier of the tree; every node of a tier shares these settings (the round settings
+    apply to the tier's aggregators)."""
 
     name: Identifier
-    rounds: Annotated[int, Field(ge=1)] = 1
-    deadline_s: Annotated[float, Field(gt=0)] = 30.0
-    min_fraction: Fraction = 0.5
-    min_children: Count | None = None
-    server_lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     uplink_codec: Codec = "q8"
     downlink_codec: Codec = "npy"
     error_feedback: bool = False
 
     _codecs = field_validator("uplink_codec", "downlink_codec")(_check_codec)
+
+    def round_config(self) -> dict[str, Any]:
+        """The round settings, as keyword arguments of ``DownstreamConfig``."""
+        return {name: getattr(self, name) for name in RoundConfig.model_fields}
 
 
 class FederationConfig(_Frozen):
@@ -173,6 +336,8 @@ class FederationConfig(_Frozen):
     task: TaskConfig = TaskConfig()
     seed: int = 0
     chunk_size: Annotated[int, Field(ge=1024)] = 1 << 20
+    heterogeneity: HeterogeneityConfig | None = None
+    """Simulated device differences among the workers; None: every worker as it is."""
 
     @model_validator(mode="after")
     def _shape(self) -> FederationConfig:
@@ -221,6 +386,7 @@ class FederationConfig(_Frozen):
             for kid in kids:
                 depth[kid] = depth[parent] + 1
         workers = [n for n in depth if n not in tree]
+        devices = self.heterogeneity.devices(len(workers)) if self.heterogeneity else None
         configs = []
         for node, d in depth.items():
             level = self.levels[d]
@@ -239,11 +405,7 @@ class FederationConfig(_Frozen):
                     broker=brokers.get(node, default) if self.brokers == "per_edge" else default,
                     children=tree[node],
                     codec=level.downlink_codec,
-                    rounds=level.rounds,
-                    deadline_s=level.deadline_s,
-                    min_fraction=level.min_fraction,
-                    min_children=level.min_children,
-                    server_lr=level.server_lr,
+                    **level.round_config(),
                 )
             configs.append(
                 NodeConfig(
@@ -256,6 +418,7 @@ class FederationConfig(_Frozen):
                     num_partitions=len(workers),
                     level=d,
                     chunk_size=self.chunk_size,
+                    device=devices[workers.index(node)] if devices and node not in tree else None,
                 )
             )
         return configs

@@ -59,6 +59,8 @@ class NodeReport:
     updates_accepted: int = 0
     updates_rejected: Counter[str] = field(default_factory=Counter)
     trained: int = 0
+    dropouts: int = 0
+    """Times a worker's simulated device dropped out (``NodeConfig.device``)."""
     up: LinkStats | None = None
     down: LinkStats | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
@@ -114,6 +116,7 @@ class NodeReport:
             "updates_accepted": self.updates_accepted,
             "updates_rejected": dict(self.updates_rejected),
             "trained": self.trained,
+            "dropouts": self.dropouts,
             "arrivals": [
                 [round(a.seconds, 4), a.sender, a.staleness, a.weight] for a in self.arrivals
             ],

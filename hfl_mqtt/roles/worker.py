@@ -6,12 +6,21 @@ version it received. Under a synchronous parent, a newer model that arrives duri
 wins: the stale result is dropped, not sent (the parent would refuse it). An asynchronous
 parent (its models say ``async``) takes late results, weighted by their staleness: the worker
 sends what it trained and then trains from the newest model, skipping the ones in between.
+
+A worker with a ``device`` (``NodeConfig.device``) plays a slower board: each training run
+takes at least ``slowdown * (training seconds + compute_s)``, its link to the parent adds
+latency and a bandwidth cap both ways (``hfl_mqtt.transport.shaping``), and after a run it may
+drop out for a while: status offline, everything but a stop ignored, then online again and on
+from the newest model its parent published.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import deque
+from typing import Literal, Protocol
 
 import numpy as np
 import structlog
@@ -20,15 +29,32 @@ from hfl_mqtt.aggregation.base import Model
 from hfl_mqtt.codec import Compressor, Envelope, ModelSpec, decode_envelope
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError
-from hfl_mqtt.roles.messages import RecentIds, decode_from, delta_message, parse_ctl, subtract
+from hfl_mqtt.roles.messages import (
+    RecentIds,
+    decode_from,
+    delta_message,
+    parse_ctl,
+    status_payload,
+    subtract,
+)
 from hfl_mqtt.roles.report import NodeReport, reject_reason
 from hfl_mqtt.tasks.base import Task, TrainResult
-from hfl_mqtt.topics import ctl_topic, model_topic, parse_topic, up_topic
+from hfl_mqtt.topics import ctl_topic, model_topic, parse_topic, status_topic, up_topic
 from hfl_mqtt.transport.base import Incoming, LinkBase
+from hfl_mqtt.transport.shaping import LinkShaper, ShapedLink
 
 __all__ = ["Worker"]
 
 log = structlog.get_logger("hfl_mqtt.roles")
+
+
+class _Channel(Protocol):
+    """What the worker uses of its link: a ``LinkBase`` or a ``ShapedLink`` around one."""
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
+    async def subscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None: ...
+    async def receive(self) -> Incoming: ...
+    def receive_nowait(self) -> Incoming | None: ...
 
 
 class Worker:
@@ -53,41 +79,74 @@ class Worker:
         self._seen = RecentIds()
         self._pending: deque[Incoming] = deque()
         self._log = log.bind(node=config.node, role="worker")
+        self.device = config.device
+        # The worker's own draws (dropouts): the same device seed, the same sequence.
+        self._rng = np.random.default_rng(self.device.seed if self.device else 0)
+        self._link: _Channel = up
+        if self.device is not None:
+            shaper = LinkShaper(
+                self.device.latency_s, self.device.up_bytes_per_s, self.device.down_bytes_per_s
+            )
+            if shaper.shapes:
+                self._link = ShapedLink(up, shaper)
 
     async def run(self) -> NodeReport:
         """Serve until the parent says stop."""
-        fed, me = self.config.federation, self.config.node
-        await self.up.subscribe(model_topic(fed, self.parent), chunked_retained=True)
-        await self.up.subscribe(ctl_topic(fed, me))
-        while True:
-            message = self._next_message() or await self.up.receive()
-            topic = parse_topic(message.topic)
-            if topic is None or topic.federation != fed:
-                continue
-            if topic.kind == "ctl" and topic.node == me:
-                if parse_ctl(message.payload) == "stop":
-                    self._log.info("stopping on request")
-                    return self.report
-            elif topic.kind == "model" and topic.node == self.parent:
-                await self._on_model(message)
+        async with contextlib.AsyncExitStack() as stack:
+            if isinstance(self._link, ShapedLink):
+                await stack.enter_async_context(self._link)
+            if self.device is not None:
+                self._log.debug("simulated device", **self.device.model_dump())
+            return await self._serve()
+        raise AssertionError("unreachable")
 
-    async def _on_model(self, message: Incoming) -> None:
+    async def _serve(self) -> NodeReport:
+        fed, me = self.config.federation, self.config.node
+        await self._link.subscribe(model_topic(fed, self.parent), chunked_retained=True)
+        await self._link.subscribe(ctl_topic(fed, me))
+        while True:
+            message = self._next_message() or await self._link.receive()
+            kind = self._kind(message)
+            if kind == "stop":
+                self._log.info("stopping on request")
+                return self.report
+            if kind != "model" or not await self._on_model(message):
+                continue
+            if self._drops_out() and await self._stay_offline():
+                return self.report
+
+    def _kind(self, message: Incoming) -> Literal["stop", "model"] | None:
+        """A stop on our control topic, a model from our parent, or something to ignore."""
+        topic = parse_topic(message.topic)
+        if topic is None or topic.federation != self.config.federation:
+            return None
+        if topic.kind == "ctl" and topic.node == self.config.node:
+            return "stop" if parse_ctl(message.payload) == "stop" else None
+        if topic.kind == "model" and topic.node == self.parent:
+            return "model"
+        return None
+
+    async def _on_model(self, message: Incoming) -> bool:
+        """Train on a new model (and send the result); False if there was nothing to train on."""
         try:
             envelope = decode_from(
                 message.payload, kind="model", sender=self.parent, federation=self.config.federation
             )
             if self._seen.seen(envelope.header.update_id):
-                return
+                return False
             model = envelope.arrays(expect=self._spec)
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
-            return
+            return False
         await self._train_and_send(envelope, model)
+        return True
 
     async def _train_and_send(self, envelope: Envelope, model: Model) -> None:
         version = envelope.header.version
         log_round = self._log.bind(base_version=version)
+        started = time.monotonic()
         trained, result = await asyncio.to_thread(self._train, model)
+        await self._take_device_time(time.monotonic() - started)
         self.report.trained += 1
         newer_waiting = self._newer_model_waiting()  # also sets aside what arrived meanwhile
         if newer_waiting and not envelope.header.metrics.get("async"):
@@ -108,10 +167,56 @@ class Worker:
             self._compressor,
             metrics,
         )
-        await self.up.publish(
+        await self._link.publish(
             up_topic(self.config.federation, self.parent, self.config.node), payload
         )
         log_round.debug("delta sent", bytes=len(payload), examples=result.num_examples)
+
+    async def _take_device_time(self, seconds: float) -> None:
+        """Wait out the rest of a training run on the simulated device, which took ``seconds``
+        here. On the event loop: the link stays alive, and models arriving meanwhile count as
+        arrived during training."""
+        if self.device is None:
+            return
+        device_seconds = self.device.slowdown * (seconds + self.device.compute_s)
+        if device_seconds > seconds:
+            await asyncio.sleep(device_seconds - seconds)
+
+    def _drops_out(self) -> bool:
+        """After a training run: whether the device drops out now."""
+        return self.device is not None and bool(self._rng.random() < self.device.dropout)
+
+    async def _stay_offline(self) -> bool:
+        """Drop out for a drawn while, as if the device had vanished; True if told to stop.
+
+        Offline, the worker takes nothing but a stop: it keeps only the last model its parent
+        published meanwhile (models are retained, so on rejoining it would get that one) and
+        goes on from it.
+        """
+        assert self.device is not None
+        seconds = float(self._rng.uniform(*self.device.offline_s))
+        self.report.dropouts += 1
+        self._log.info("dropping out", offline_s=round(seconds, 3))
+        status = status_topic(self.config.federation, self.config.node)
+        await self._link.publish(status, status_payload("offline"), retain=True)
+        set_aside = deque(self._pending)  # what arrived during the last run counts too
+        self._pending.clear()
+        latest_model: Incoming | None = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while True:
+                    message = set_aside.popleft() if set_aside else await self._link.receive()
+                    kind = self._kind(message)
+                    if kind == "stop":
+                        self._log.info("stopping on request while offline")
+                        return True
+                    if kind == "model":
+                        latest_model = message
+        await self._link.publish(status, status_payload("online"), retain=True)
+        self._log.info("back online", newest_model_waiting=latest_model is not None)
+        if latest_model is not None:
+            self._pending.append(latest_model)
+        return False
 
     def _train(self, model: Model) -> tuple[Model, TrainResult]:
         self.task.set_weights(model)
@@ -119,7 +224,10 @@ class Worker:
         return self.task.get_weights(), result
 
     def _next_message(self) -> Incoming | None:
-        """The next message put aside during training, skipping models a later one replaces."""
+        """The next message already here, skipping models a later one replaces (models can
+        queue up while a worker trains or sends, and only the newest is worth training on)."""
+        while (waiting := self._link.receive_nowait()) is not None:
+            self._pending.append(waiting)
         model = model_topic(self.config.federation, self.parent)
         while self._pending:
             message = self._pending.popleft()
@@ -129,7 +237,7 @@ class Worker:
 
     def _newer_model_waiting(self) -> bool:
         """Move what arrived during training aside; True if a new parent model is among it."""
-        while (message := self.up.receive_nowait()) is not None:
+        while (message := self._link.receive_nowait()) is not None:
             self._pending.append(message)
         model = model_topic(self.config.federation, self.parent)
         for message in self._pending:
