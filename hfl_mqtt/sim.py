@@ -38,12 +38,13 @@ from hfl_mqtt.errors import BrokerError, TransportError
 from hfl_mqtt.roles.messages import STOP
 from hfl_mqtt.roles.node import run_node
 from hfl_mqtt.roles.report import NodeReport
+from hfl_mqtt.telemetry import load_pyplot, plot_staleness, staleness_summary
 from hfl_mqtt.topics import ctl_topic
 from hfl_mqtt.transport.mqtt import MqttLink
 
 __all__ = ["SUMMARY_VERSION", "Progress", "configure_logging", "simulate"]
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 _STOP_TIMEOUT_S = 30.0
 log = structlog.get_logger("hfl_mqtt.sim")
 
@@ -260,7 +261,7 @@ async def simulate(
     reports = [r.to_dict() for r in aggregator_reports] + worker_reports
     summary = _summary(config, reports, events, time.monotonic() - started, brokers)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _plot(events, out)
+    _plot(config, events, reports, out)
     return summary
 
 
@@ -289,24 +290,29 @@ def _summary(
         "total_bytes": sum(v["up"] + v["down"] for v in volume.values()),
         "updates_accepted": sum(r["updates_accepted"] for r in reports),
         "updates_rejected": dict(rejected),
+        "staleness": staleness_summary(config, reports),
         "brokers": len(brokers),
         "nodes": reports,
         "config": config.model_dump(mode="json"),
     }
 
 
-def _plot(events: list[dict[str, Any]], out: Path) -> None:
-    """accuracy.png: test accuracy against global round and against bytes sent."""
-    if not events:
+def _plot(
+    config: FederationConfig, events: list[dict[str, Any]], reports: list[dict[str, Any]], out: Path
+) -> None:
+    """accuracy.png after any global round; staleness.png if any update was accepted."""
+    if not events and not any(r.get("arrivals") for r in reports):
         return
-    try:
-        import matplotlib
+    plt = load_pyplot()
+    if plt is None:
+        return
+    if events:
+        _plot_accuracy(plt, events, out)
+    plot_staleness(plt, config, reports, out)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot (pip install 'hfl-mqtt[sim]')")
-        return
+
+def _plot_accuracy(plt: Any, events: list[dict[str, Any]], out: Path) -> None:
+    """accuracy.png: test accuracy against global round and against bytes sent."""
     rounds = [e["global_round"] for e in events]
     accuracy = [e["accuracy"] for e in events]
     megabytes = [e["tree_bytes"] / 1e6 for e in events]

@@ -89,6 +89,7 @@ SUMMARY_KEYS = {
     "messages",
     "updates_accepted",
     "updates_rejected",
+    "staleness",
     "config",
 }
 
@@ -305,6 +306,8 @@ def assert_results(
     sent_up = sum(summary["messages"][name]["up"] for name in names)
     assert summary["updates_accepted"] == sent_up
     assert summary["updates_rejected"] == {}
+    assert list(summary["staleness"]) == names[:-1]
+    assert sum(level["count"] for level in summary["staleness"].values()) == sent_up
 
     lines = (out / "metrics.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in lines]
@@ -314,6 +317,7 @@ def assert_results(
     png = (out / "accuracy.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(png) > 1000
+    assert (out / "staleness.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 # --- 1, 2: whole federations through simulate() ---------------------------------------------------
