@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from hfl_mqtt.aggregation import FedAsync, FedBuff, StalenessFunction, Update
 from hfl_mqtt.codec import Message
+from hfl_mqtt.roles.aggregator import Aggregator
+from hfl_mqtt.roles.aggregator_base import AggregatorBase
 from hfl_mqtt.roles.async_aggregator import AsyncAggregator
 from hfl_mqtt.roles.report import NodeReport
 from hfl_mqtt.topics import status_topic
@@ -217,7 +219,7 @@ def test_fedbuff_step_does_not_depend_on_arrival_order(
 
 @dataclass
 class AsyncRun:
-    agg: AsyncAggregator
+    agg: AggregatorBase
     task: asyncio.Task[NodeReport]
     peers: dict[str, Peer] = field(default_factory=dict)
 
@@ -246,7 +248,9 @@ async def async_aggregator(
         down = await stack.enter_async_context(
             MemoryLink(broker, f"{name}.down", status_topic=None if up else status)
         )
-        agg = AsyncAggregator(config, down, up, evaluator=None if up else FakeTask())
+        assert config.downstream is not None
+        mode = AsyncAggregator if config.downstream.is_async else Aggregator
+        agg = mode(config, down, up, evaluator=None if up else FakeTask())
         run = AsyncRun(agg, asyncio.create_task(agg.run(), name=name), peers)
         try:
             yield run
@@ -370,6 +374,32 @@ async def test_under_an_asynchronous_parent_every_report_moves_the_anchor() -> N
         assert_model(v4.arrays, shifted(W0, 1.0))
 
 
+async def test_a_synchronous_edge_under_an_asynchronous_parent_does_not_wait() -> None:
+    async with async_aggregator("edge", ["a"], parent="cloud", rounds=1) as run:
+        cloud = run.peers["cloud"]
+        await cloud.publish_model(W0, **{"async": True})
+        v1 = await run.model("a")
+        assert v1.header.metrics["async"] is False
+        await run.peers["a"].answer(v1, filled(W0, 1.0))
+        _, first = await cloud.next_message()
+        assert_model(first.arrays, filled(W0, 1.0))
+        v2 = await run.model("a")  # the next cycle starts without a new parent model
+        assert_model(v2.arrays, shifted(W0, 1.0))
+        # The parent's next model (it took the first report) arrives mid-round: it waits for
+        # the round's end.
+        await cloud.publish_model(shifted(W0, 1.0), **{"async": True})
+        await asyncio.sleep(0.05)
+        assert run.peers["a"].pending() == []
+        await run.peers["a"].answer(v2, filled(W0, 2.0))
+        _, second = await cloud.next_message()
+        assert second.header.base_version == 1
+        assert_model(second.arrays, filled(W0, 2.0))
+        v3 = await run.model("a")
+        assert v3.header.metrics["parent_version"] == 2
+        # Both reports are the parent's now: the +2 is on its way to it, not kept here.
+        assert_model(v3.arrays, shifted(W0, 1.0))
+
+
 async def test_updates_past_the_staleness_bound_are_refused() -> None:
     async with async_aggregator(
         "root", ["a", "b"], mode="fedasync", max_staleness=2, rounds=100
@@ -400,3 +430,57 @@ async def test_the_asynchronous_root_stops_after_its_versions() -> None:
             report = await run.task
         assert report.rounds == 3
         assert [e["version"] for e in report.evaluations] == [3, 4]
+
+
+# --- duplicated deliveries ------------------------------------------------------------------
+
+deliveries = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c"]), st.floats(-2, 2, allow_nan=False, width=32)),
+    min_size=1,
+    max_size=8,
+)
+
+
+async def final_model(
+    mode: str, payloads: list[tuple[str, bytes]], duplicates: int
+) -> dict[str, np.ndarray]:
+    """The root's model once it has handled every payload, sent in order on one link."""
+    async with async_aggregator(
+        "root", ["a", "b", "c"], mode=mode, buffer_size=2, max_staleness=20, rounds=100
+    ) as run:
+        await run.model("a")
+        sender = run.peers["a"]
+        for child, payload in payloads:
+            await sender.send(payload, as_child=child)
+        async with asyncio.timeout(WAIT):
+            while run.report.updates_accepted + sum(run.report.updates_rejected.values()) < len(
+                payloads
+            ):
+                await asyncio.sleep(0.001)
+        assert run.report.updates_accepted == len(payloads) - duplicates
+        assert run.report.updates_rejected.get("duplicate", 0) == duplicates
+        assert run.agg.model is not None
+        return run.agg.model
+
+
+@pytest.mark.parametrize("mode", ["fedasync", "fedbuff"])
+@settings(max_examples=25, deadline=None)
+@given(items=deliveries, copies=st.lists(st.integers(0, 3), min_size=8, max_size=8), data=st.data())
+async def test_duplicated_deliveries_change_nothing(
+    mode: str, items: list[tuple[str, float]], copies: list[int], data: st.DataObject
+) -> None:
+    """QoS 1 may deliver a message again, right away or later: any duplication gives the
+    model that no duplication gives."""
+    payloads = [
+        (child, delta_bytes(child, 1, filled(W0, value), 10 + i))
+        for i, (child, value) in enumerate(items)
+    ]
+    duplicated = list(payloads)
+    for payload, extra in zip(payloads, copies, strict=False):
+        for _ in range(extra):
+            at = data.draw(st.integers(duplicated.index(payload) + 1, len(duplicated)))
+            duplicated.insert(at, payload)
+    once = await final_model(mode, payloads, 0)
+    again = await final_model(mode, duplicated, len(duplicated) - len(payloads))
+    for name in W0:
+        np.testing.assert_array_equal(once[name], again[name])
