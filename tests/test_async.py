@@ -400,6 +400,28 @@ async def test_a_synchronous_edge_under_an_asynchronous_parent_does_not_wait() -
         assert_model(v3.arrays, shifted(W0, 1.0))
 
 
+async def test_reports_go_up_on_the_timer_when_the_count_is_not_reached() -> None:
+    async with async_aggregator(
+        "edge",
+        ["a"],
+        parent="cloud",
+        mode="fedasync",
+        mixing=1.0,
+        staleness=StalenessFunction(function="constant"),
+        report_every_updates=100,
+        report_every_s=0.05,
+    ) as run:
+        cloud = run.peers["cloud"]
+        await cloud.publish_model(W0, **{"async": True})
+        v1 = await run.model("a")
+        await asyncio.sleep(0.12)  # periods with nothing folded send nothing
+        assert cloud.pending() == []
+        await run.peers["a"].answer(v1, filled(W0, 1.0))
+        _, report = await cloud.next_message()
+        assert_model(report.arrays, filled(W0, 1.0))
+        assert report.header.metrics["participants"] == 1
+
+
 async def test_updates_past_the_staleness_bound_are_refused() -> None:
     async with async_aggregator(
         "root", ["a", "b"], mode="fedasync", max_staleness=2, rounds=100
