@@ -57,6 +57,15 @@ async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
         await asyncio.sleep(0.001)
 
 
+def assert_model(
+    actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], *, tol: float = 0.0
+) -> None:
+    """Same tensor names and values (exactly, or within ``tol`` absolute and relative)."""
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(actual[name], value, rtol=tol, atol=tol, err_msg=name)
+
+
 def rejected(report: NodeReport) -> int:
     return sum(report.updates_rejected.values())
 

@@ -31,23 +31,14 @@ from tests.fakes import (
     FakeTask,
     Peer,
     aggregator_config,
+    assert_model,
     delta_bytes,
     filled,
     shifted,
+    until,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def assert_model(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        np.testing.assert_allclose(actual[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 # --- staleness functions ----------------------------------------------------------------------
@@ -110,9 +101,9 @@ def test_fedasync_mixes_the_trained_model_in() -> None:
     current = shifted(W0, 1.0)
     strategy.remember(2, current)
     # A fresh update against version 2: x <- 0.5 x + 0.5 (x + 2) = x + 1.
-    assert_model(strategy.step(current, 2, filled(W0, 2.0), 0), shifted(W0, 2.0))
+    assert_model(strategy.step(current, 2, filled(W0, 2.0), 0), shifted(W0, 2.0), tol=1e-6)
     # One version stale, against version 1: a_t = 0.5 / 2; x_new = W0 + 2 = x + 1.
-    assert_model(strategy.step(current, 1, filled(W0, 2.0), 1), shifted(W0, 1.25))
+    assert_model(strategy.step(current, 1, filled(W0, 2.0), 1), shifted(W0, 1.25), tol=1e-6)
 
 
 def test_fedasync_forgets_what_is_past_the_bound() -> None:
@@ -127,7 +118,7 @@ def test_fedasync_shift_moves_every_remembered_model() -> None:
     strategy.remember(1, W0)
     strategy.shift(filled(W0, 3.0))
     # mixing 1: x <- x_new = (W0 + 3) + delta
-    assert_model(strategy.step(W0, 1, ZERO, 0), shifted(W0, 3.0))
+    assert_model(strategy.step(W0, 1, ZERO, 0), shifted(W0, 3.0), tol=1e-6)
 
 
 @pytest.mark.parametrize("mixing", [0.0, -0.1, 1.5, math.nan])
@@ -161,7 +152,7 @@ def test_fedbuff_step(
         assert not strategy.full
         strategy.add(update(f"c{index}", filled(W0, value), n), staleness)
     assert strategy.full
-    assert_model(strategy.step(W0), shifted(W0, 0.5 * expected_step))
+    assert_model(strategy.step(W0), shifted(W0, 0.5 * expected_step), tol=1e-6)
     assert len(strategy) == 0
 
 
@@ -281,42 +272,36 @@ async def test_rebase_mid_buffer_keeps_the_buffer_and_counts_nothing_twice() -> 
         v1 = await run.model("a")
         await run.model("b")
         assert v1.header.version == 1
-        assert_model(v1.arrays, m0)
+        assert_model(v1.arrays, m0, tol=1e-6)
         await run.peers["a"].answer(v1, filled(W0, 1.0))
         await run.peers["b"].answer(v1, filled(W0, 3.0))
         # The buffer is full: x = m0 + 2; version 2; the report to the cloud is x - m0.
         v2 = await run.model("a")
         await run.model("b")
-        assert_model(v2.arrays, shifted(m0, 2.0))
+        assert_model(v2.arrays, shifted(m0, 2.0), tol=1e-6)
         _, report = await cloud.next_message()
         assert report.header.base_version == 1
         assert report.header.num_examples == 20
-        assert_model(report.arrays, filled(W0, 2.0))
+        assert_model(report.arrays, filled(W0, 2.0), tol=1e-6)
         # One update against v2 waits in the buffer...
         await run.peers["a"].answer(v2, filled(W0, 4.0))
-        await until_accepted(run, 3)
+        await until(lambda: run.report.updates_accepted >= 3)
         # ...when the cloud publishes a model that took the edge's report (and others').
         m1 = shifted(m0, 10.0)
         await cloud.publish_model(m1, participants="edge,other")
         v3 = await run.model("b")
         assert v3.header.version == 3
         assert v3.header.metrics["parent_version"] == 2
-        assert_model(v3.arrays, m1)  # the reported +2 is in m1: not counted again
+        assert_model(v3.arrays, m1, tol=1e-6)  # the reported +2 is in m1: not counted again
         # The second update fills the buffer: both go in (the first one was not lost).
         await run.peers["b"].answer(v3, filled(W0, 6.0))
         v4 = await run.model("b")
-        assert_model(v4.arrays, shifted(m1, 5.0))
+        assert_model(v4.arrays, shifted(m1, 5.0), tol=1e-6)
         _, second = await cloud.next_message()
         assert second.header.base_version == 2
-        assert_model(second.arrays, filled(W0, 5.0))
+        assert_model(second.arrays, filled(W0, 5.0), tol=1e-6)
         arrivals = [(a.sender, a.staleness) for a in run.report.arrivals]
         assert arrivals == [("a", 0), ("b", 0), ("a", 0), ("b", 0)]
-
-
-async def until_accepted(run: AsyncRun, count: int) -> None:
-    async with asyncio.timeout(WAIT):
-        while run.report.updates_accepted < count:
-            await asyncio.sleep(0.001)
 
 
 async def test_a_report_the_synchronous_parent_missed_is_sent_again() -> None:
@@ -334,16 +319,18 @@ async def test_a_report_the_synchronous_parent_missed_is_sent_again() -> None:
         v1 = await run.model("a")
         await run.peers["a"].answer(v1, filled(W0, 1.0))
         _, first = await cloud.next_message()
-        assert_model(first.arrays, filled(W0, 1.0))
+        assert_model(first.arrays, filled(W0, 1.0), tol=1e-6)
         assert (await run.model("a")).header.version == 2
         # The parent closed its round without the edge's report.
         await cloud.publish_model(shifted(W0, 10.0), participants="other")
         v3 = await run.model("a")
         assert v3.header.version == 3
-        assert_model(v3.arrays, shifted(W0, 11.0))  # our +1 is kept...
+        assert_model(v3.arrays, shifted(W0, 11.0), tol=1e-6)  # our +1 is kept...
         _, again = await cloud.next_message()
         assert again.header.base_version == 2
-        assert_model(again.arrays, filled(W0, 1.0))  # ...and reported against the new version
+        assert_model(
+            again.arrays, filled(W0, 1.0), tol=1e-6
+        )  # ...and reported against the new version
 
 
 async def test_under_an_asynchronous_parent_every_report_moves_the_anchor() -> None:
@@ -365,13 +352,13 @@ async def test_under_an_asynchronous_parent_every_report_moves_the_anchor() -> N
         _, first = await cloud.next_message()
         _, second = await cloud.next_message()
         assert [first.header.base_version, second.header.base_version] == [1, 1]
-        assert_model(first.arrays, filled(W0, 1.0))
-        assert_model(second.arrays, filled(W0, 2.0))  # only what is new since the first
-        assert_model((await run.model("a")).arrays, shifted(W0, 3.0))
+        assert_model(first.arrays, filled(W0, 1.0), tol=1e-6)
+        assert_model(second.arrays, filled(W0, 2.0), tol=1e-6)  # only what is new since the first
+        assert_model((await run.model("a")).arrays, shifted(W0, 3.0), tol=1e-6)
         # The parent took the first report only so far: the second is on its way.
         await cloud.publish_model(shifted(W0, 1.0), **{"async": True})
         v4 = await run.model("a")
-        assert_model(v4.arrays, shifted(W0, 1.0))
+        assert_model(v4.arrays, shifted(W0, 1.0), tol=1e-6)
 
 
 async def test_a_synchronous_edge_under_an_asynchronous_parent_does_not_wait() -> None:
@@ -382,9 +369,9 @@ async def test_a_synchronous_edge_under_an_asynchronous_parent_does_not_wait() -
         assert v1.header.metrics["async"] is False
         await run.peers["a"].answer(v1, filled(W0, 1.0))
         _, first = await cloud.next_message()
-        assert_model(first.arrays, filled(W0, 1.0))
+        assert_model(first.arrays, filled(W0, 1.0), tol=1e-6)
         v2 = await run.model("a")  # the next cycle starts without a new parent model
-        assert_model(v2.arrays, shifted(W0, 1.0))
+        assert_model(v2.arrays, shifted(W0, 1.0), tol=1e-6)
         # The parent's next model (it took the first report) arrives mid-round: it waits for
         # the round's end.
         await cloud.publish_model(shifted(W0, 1.0), **{"async": True})
@@ -393,11 +380,11 @@ async def test_a_synchronous_edge_under_an_asynchronous_parent_does_not_wait() -
         await run.peers["a"].answer(v2, filled(W0, 2.0))
         _, second = await cloud.next_message()
         assert second.header.base_version == 1
-        assert_model(second.arrays, filled(W0, 2.0))
+        assert_model(second.arrays, filled(W0, 2.0), tol=1e-6)
         v3 = await run.model("a")
         assert v3.header.metrics["parent_version"] == 2
         # Both reports are the parent's now: the +2 is on its way to it, not kept here.
-        assert_model(v3.arrays, shifted(W0, 1.0))
+        assert_model(v3.arrays, shifted(W0, 1.0), tol=1e-6)
 
 
 async def test_reports_go_up_on_the_timer_when_the_count_is_not_reached() -> None:
@@ -418,7 +405,7 @@ async def test_reports_go_up_on_the_timer_when_the_count_is_not_reached() -> Non
         assert cloud.pending() == []
         await run.peers["a"].answer(v1, filled(W0, 1.0))
         _, report = await cloud.next_message()
-        assert_model(report.arrays, filled(W0, 1.0))
+        assert_model(report.arrays, filled(W0, 1.0), tol=1e-6)
         assert report.header.metrics["participants"] == 1
 
 
@@ -430,7 +417,7 @@ async def test_updates_past_the_staleness_bound_are_refused() -> None:
         for _ in range(3):  # b moves the root three versions on
             latest = await run.model("b")
             await run.peers["b"].answer(latest, filled(W0, 0.1))
-        await until_accepted(run, 3)
+        await until(lambda: run.report.updates_accepted >= 3)
         await run.peers["a"].answer(v1, filled(W0, 1.0))  # 3 versions behind
         await run.peers["a"].send(delta_bytes("a", 9, filled(W0, 1.0)))  # from the future
         async with asyncio.timeout(WAIT):

@@ -47,6 +47,7 @@ from tests.fakes import (
     FakeTask,
     Peer,
     aggregator_config,
+    assert_model,
     delta_bytes,
     filled,
     memory_links,
@@ -57,17 +58,6 @@ from tests.fakes import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def assert_model(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        np.testing.assert_array_equal(actual[name], value, err_msg=name)
 
 
 class Running:
