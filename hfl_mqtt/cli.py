@@ -61,13 +61,19 @@ def _log_level(verbose: int) -> int:
 
 
 def _simulate(config: FederationConfig, out: Path, processes: int | None, verbose: int) -> int:
-    progress = Progress(config.levels[0].rounds)
+    root = config.levels[0]
+    progress = Progress(root.rounds, max_seconds=root.max_seconds)
     summary = asyncio.run(
         simulate(config, out, progress=progress, processes=processes, log_level=_log_level(verbose))
     )
     brief = {k: summary[k] for k in ("final_accuracy", "global_rounds", "wall_seconds", "bytes")}
+    brief["staleness"] = {
+        level: {k: stats[k] for k in ("count", "mean", "p95", "max")}
+        for level, stats in summary["staleness"].items()
+    }
     progress.say(json.dumps(brief, indent=1))
-    progress.say(f"results: {out}/summary.json, {out}/metrics.jsonl, {out}/accuracy.png")
+    files = ["summary.json", "metrics.jsonl", "accuracy.png", "staleness.png"]
+    progress.say("results: " + ", ".join(str(out / f) for f in files if (out / f).exists()))
     return 0
 
 

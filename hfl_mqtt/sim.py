@@ -50,28 +50,45 @@ log = structlog.get_logger("hfl_mqtt.sim")
 
 
 class Progress:
-    """A one-line live display of the global rounds (plain lines when not on a terminal)."""
+    """A one-line live display of the global rounds (plain lines when not on a terminal).
 
-    def __init__(self, total_rounds: int, stream: TextIO | None = None) -> None:
+    With a time budget (the root's ``max_seconds``) the line shows the seconds against it
+    instead of the rounds against their (then nominal) total.
+    """
+
+    def __init__(
+        self, total_rounds: int, stream: TextIO | None = None, *, max_seconds: float | None = None
+    ) -> None:
         self.total = total_rounds
+        self.max_seconds = max_seconds
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
+        self._line_open = False
 
     def round(self, event: dict[str, Any]) -> None:
+        if self.max_seconds is None:
+            where = f"round {event['global_round']:>3}/{self.total}  "
+            clock = f"{event['seconds']:6.1f} s"
+        else:
+            where = f"round {event['global_round']:>3}  "
+            clock = f"{event['seconds']:6.1f}/{self.max_seconds:g} s"
         line = (
-            f"round {event['global_round']:>3}/{self.total}  "
-            f"accuracy {event['accuracy']:.4f}  loss {event['loss']:.4f}  "
-            f"{event['seconds']:6.1f} s  {event['tree_bytes'] / 1e6:8.2f} MB sent"
+            f"{where}accuracy {event['accuracy']:.4f}  loss {event['loss']:.4f}  "
+            f"{clock}  {event['tree_bytes'] / 1e6:8.2f} MB sent"
         )
         if self.live:
             self.stream.write("\r" + line)
-            if event["global_round"] >= self.total:
+            self._line_open = event["global_round"] < self.total
+            if not self._line_open:
                 self.stream.write("\n")
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
 
     def say(self, text: str) -> None:
+        if self._line_open:
+            self.stream.write("\n")
+            self._line_open = False
         self.stream.write(text + "\n")
         self.stream.flush()
 
