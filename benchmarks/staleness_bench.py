@@ -32,8 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from hfl_mqtt.config import FederationConfig, HeterogeneityConfig, LevelConfig
-from hfl_mqtt.sim import simulate
+from hfl_mqtt.sim import configure_logging, simulate
 from hfl_mqtt.tasks.base import TaskConfig
 
 MODES = ("sync", "fedasync", "fedbuff")
@@ -120,19 +122,21 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     summary = asyncio.run(simulate(config, out, log_level=logging.ERROR))
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = record(mode, summary, events, args.target)
+    edge = result["staleness"]["edge"]
     print(
         f"{mode:>9}: target {args.target} in {_fmt(result['seconds_to_target'])} s, "
-        f"final accuracy {result['final_accuracy']:.4f} after {result['cloud_rounds']} cloud "
-        f"rounds, edge staleness mean {_fmt(result['staleness']['edge']['mean'])} "
-        f"p95 {_fmt(result['staleness']['edge']['p95'])} max "
-        f"{_fmt(result['staleness']['edge']['max'])} ({time.monotonic() - started:.0f} s)",
+        f"final accuracy {_fmt(result['final_accuracy'], '.4f')} after "
+        f"{result['cloud_rounds']} cloud rounds, edge staleness mean {_fmt(edge['mean'])} "
+        f"p95 {_fmt(edge['p95'])} max {_fmt(edge['max'], 'd')} "
+        f"({time.monotonic() - started:.0f} s)",
         flush=True,
     )
     return result
 
 
-def _fmt(value: float | None) -> str:
-    return "never" if value is None else f"{value:.1f}"
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    # None: the target was never reached, no round closed in the budget, or no update arrived.
+    return "never" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,10 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = args.out or Path(tempfile.mkdtemp(prefix="hfl-staleness-"))
     records = []
+    # The aggregators run in this process and log every round and rebase at info.
+    saved_logging = structlog.get_config()
+    configure_logging(logging.WARNING)
     try:
         for mode in args.modes:
             records.append(run_mode(mode, args, workdir / mode))
     finally:
+        structlog.configure(**saved_logging)
         if args.out is None:
             shutil.rmtree(workdir, ignore_errors=True)
     by_mode = {r["mode"]: r for r in records}
@@ -170,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "benchmark": "staleness",
-        "command": " ".join(["python", "benchmarks/staleness_bench.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "benchmarks/staleness_bench.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "target_accuracy": args.target,
         "budget_s": args.budget_s,
         "speedup": speedup,

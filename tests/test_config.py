@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -23,24 +24,55 @@ from hfl_mqtt.errors import ConfigError, HflError
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize(
-    ("name", "levels", "fanout", "workers"),
-    [
-        ("two_level.yaml", ["cloud", "worker"], [32], 32),
-        ("three_level.yaml", ["cloud", "edge", "worker"], [4, 8], 32),
-        ("four_level.yaml", ["cloud", "region", "edge", "worker"], [2, 2, 8], 32),
-    ],
-)
+EXAMPLES = [
+    # name, levels, fanout, workers, each aggregator level's mode (root first)
+    ("two_level.yaml", ["cloud", "worker"], [32], 32, ["sync"]),
+    ("three_level.yaml", ["cloud", "edge", "worker"], [4, 8], 32, ["sync", "sync"]),
+    (
+        "four_level.yaml",
+        ["cloud", "region", "edge", "worker"],
+        [2, 2, 8],
+        32,
+        ["sync", "sync", "sync"],
+    ),
+    ("async_edges_fedbuff.yaml", ["cloud", "edge", "worker"], [4, 8], 32, ["sync", "fedbuff"]),
+    ("async_edges_fedasync.yaml", ["cloud", "edge", "worker"], [4, 8], 32, ["sync", "fedasync"]),
+    ("async_everywhere.yaml", ["cloud", "edge", "worker"], [4, 8], 32, ["fedbuff", "fedbuff"]),
+]
+
+
+def test_every_shipped_config_is_an_example_here() -> None:
+    assert sorted(path.name for path in CONFIGS.glob("*.y*ml")) == sorted(e[0] for e in EXAMPLES)
+
+
+@pytest.mark.parametrize(("name", "levels", "fanout", "workers", "modes"), EXAMPLES)
 def test_example_configs_load(
-    name: str, levels: list[str], fanout: list[int], workers: int
+    name: str, levels: list[str], fanout: list[int], workers: int, modes: list[str]
 ) -> None:
     config = load_federation(CONFIGS / name)
     assert [level.name for level in config.levels] == levels
     assert config.fanout == fanout
     assert config.num_workers == workers
+    assert [level.mode for level in config.levels[:-1]] == modes
     nodes = config.node_configs({})
     assert len(nodes) == len(config.tree()) + workers
     assert sum(n.role == "root" for n in nodes) == 1
+    leaves = [n for n in nodes if n.role == "worker"]
+    if config.heterogeneity is None:
+        assert all(n.device is None for n in leaves)
+    else:
+        assert all(n.device is not None for n in leaves)
+        slow = [n for n in leaves if n.device is not None and n.device.slowdown > 1]
+        assert len(slow) == round(config.heterogeneity.stragglers * workers)
+
+
+@pytest.mark.parametrize("name", [e[0] for e in EXAMPLES])
+def test_example_configs_say_how_to_run_them(name: str) -> None:
+    """Each example opens with comments that end in the command that runs it."""
+    lines = (CONFIGS / name).read_text().splitlines()
+    header = list(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    assert len(header) >= 2, "a header comment saying what the example shows"
+    assert header[-1] == f"# hfl-mqtt sim configs/{name} --out out/{name.removesuffix('.yaml')}"
 
 
 def federation(fanout: list[int], **extra: object) -> FederationConfig:
@@ -314,7 +346,7 @@ def test_good_codec_strings_accepted(codec: str) -> None:
     assert LevelConfig(name="n", uplink_codec=codec, downlink_codec=codec).uplink_codec == codec
 
 
-@pytest.mark.parametrize("name", ["two_level.yaml", "three_level.yaml", "four_level.yaml"])
+@pytest.mark.parametrize("name", [e[0] for e in EXAMPLES])
 def test_node_file_round_trip(tmp_path: Path, name: str) -> None:
     config = load_federation(CONFIGS / name)
     brokers = {"cloud": CLOUD, "edge-0": SITE0}

@@ -5,6 +5,7 @@ them, and every subprocess it starts, at teardown. Nodes run in this process wit
 (one event loop, workers training in threads) unless the pipeline itself is under test
 (``simulate``, ``hfl-mqtt run`` subprocesses). The task (but for the shipped example configs) is
 digits with a softmax model on an IID split: five global rounds reach ~0.90 test accuracy.
+The asynchronous runs add stragglers (``STRAGGLERS``) and stop on a time or version budget.
 
 The slow ones (``-m slow``): the example configs and a cloud broker crash behind bridged edges.
 """
@@ -374,6 +375,174 @@ async def test_simulate_fails_fast_when_the_worker_processes_fail(tmp_path: Path
         await asyncio.wait_for(simulate(config, tmp_path / "out", processes=2), 30)
     assert raised.group_contains(TaskError, match="the data is not there")
     assert time.monotonic() - started < 15
+
+
+# --- 1b: asynchronous aggregators with stragglers, through simulate() -----------------------------
+
+
+STRAGGLERS = {"seed": 0, "compute_s": 0.05, "stragglers": 0.25, "slowdown": 10}
+"""A quarter of the workers (2 of 8: worker-2 and worker-4, one per edge) take at least 10 times
+(training + 50 ms) per model, some 0.6 s against the others' 0.06 s."""
+ASYNC_EDGE = {"mode": "fedbuff", "buffer_size": 2, "report_every_updates": 4, "max_staleness": 60}
+"""FedBuff edges: a step every 2 updates, a report every 4. A straggler's update is some 20-30
+versions behind: the bound leaves room for a loaded machine."""
+
+
+def with_levels(
+    config: FederationConfig, *levels: dict[str, Any], heterogeneity: dict[str, Any]
+) -> FederationConfig:
+    """``config`` with each level's settings updated (root first) and simulated devices."""
+    data = config.model_dump()
+    for level, extra in zip(data["levels"], levels, strict=False):
+        level.update(extra)
+    data["heterogeneity"] = heterogeneity
+    return FederationConfig.model_validate(data)
+
+
+def assert_async_results(
+    config: FederationConfig, summary: dict[str, Any], out: Path, elapsed: float
+) -> list[dict[str, Any]]:
+    """What ``simulate`` must have written for an asynchronous run that stopped on its own;
+    returns the root's evaluations."""
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary.keys() >= SUMMARY_KEYS
+    assert 0 < summary["wall_seconds"] <= elapsed
+    assert summary["config"] == config.model_dump(mode="json")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(events) == summary["global_rounds"] > 0
+    assert events[-1]["accuracy"] == summary["final_accuracy"]
+    assert summary["final_accuracy"] >= TARGET_ACCURACY
+    # Refused: at most updates too far behind (none are expected with this bound).
+    assert set(summary["updates_rejected"]) <= {"too_stale"}
+    for name in ("accuracy.png", "staleness.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    return events
+
+
+def assert_staleness_adds_up(config: FederationConfig, summary: dict[str, Any]) -> None:
+    """Each level's staleness entry agrees with its aggregators' arrivals, with its own
+    histogram, with the messages its children sent and with the run's totals."""
+    names = [level.name for level in config.levels]
+    staleness = summary["staleness"]
+    assert list(staleness) == names[:-1]
+    assert sum(level["count"] for level in staleness.values()) == summary["updates_accepted"]
+    rejected: Counter[str] = Counter()
+    for depth, name in enumerate(names[:-1]):
+        level = staleness[name]
+        arrivals = [
+            arrival
+            for node in summary["nodes"]
+            if node["role"] != "worker" and node["level"] == depth
+            for arrival in node["arrivals"]
+        ]
+        histogram = {int(s): count for s, count in level["histogram"].items()}
+        assert level["count"] == len(arrivals) == sum(histogram.values()) > 0, name
+        assert histogram == Counter(arrival[2] for arrival in arrivals), name
+        assert level["max"] == max(histogram), name
+        mean = sum(s * count for s, count in histogram.items()) / level["count"]
+        assert level["mean"] == pytest.approx(mean, abs=1e-6), name
+        assert 0 < level["weight_mean"] <= 1, name
+        # Accepted or refused, every update was sent by a child; some were still on their way
+        # when the run stopped.
+        sent = summary["messages"][names[depth + 1]]["up"]
+        assert level["count"] + sum(level["rejected"].values()) <= sent, name
+        rejected.update(level["rejected"])
+    assert rejected == summary["updates_rejected"]
+
+
+def assert_stragglers_were_late_and_taken(
+    config: FederationConfig, summary: dict[str, Any]
+) -> None:
+    """The slow workers trained less, and their updates arrived many versions behind and were
+    folded in all the same."""
+    assert config.heterogeneity is not None
+    slow = {f"worker-{i}" for i in config.heterogeneity.stragglers_of(config.num_workers)}
+    assert slow
+    trained = {n["node"]: n["trained"] for n in summary["nodes"] if n["role"] == "worker"}
+    assert max(trained[w] for w in slow) < min(t for w, t in trained.items() if w not in slow)
+    edge_depth = len(config.levels) - 2  # the workers' parents
+    arrivals = [
+        arrival
+        for node in summary["nodes"]
+        if node["role"] != "worker" and node["level"] == edge_depth
+        for arrival in node["arrivals"]
+    ]
+    late = [staleness for _, sender, staleness, _ in arrivals if sender in slow]
+    fast = [staleness for _, sender, staleness, _ in arrivals if sender not in slow]
+    assert {sender for _, sender, _, _ in arrivals} >= slow, "a straggler never got in"
+    assert min(late) > 0
+    assert np.mean(late) > 2 * np.mean(fast)
+    assert summary["staleness"][config.levels[edge_depth].name]["max"] > 0
+
+
+async def test_async_edges_with_stragglers_reach_the_target_and_take_late_updates(
+    tmp_path: Path,
+) -> None:
+    """Asynchronous edges, synchronous cloud: the edges never wait for their stragglers, whose
+    late updates are folded in weighted by staleness; the cloud's rounds (both edges each) go
+    on until its time budget is spent."""
+    config = with_levels(
+        federation("async-edges", rounds=(1000, 1), fanout=(2, 4)),
+        {"max_seconds": 4.0},
+        ASYNC_EDGE,
+        heterogeneity=STRAGGLERS,
+    )
+    out = tmp_path / "out"
+    started = time.monotonic()
+    summary = await asyncio.wait_for(simulate(config, out, processes=2), RUN_TIMEOUT_S)
+    events = assert_async_results(config, summary, out, time.monotonic() - started)
+
+    rounds = summary["global_rounds"]
+    assert rounds < 1000, "the time budget, not the rounds, ends this run"
+    assert [e["global_round"] for e in events] == list(range(1, rounds + 1))
+    assert all(e["participants"] == 2 for e in events)
+    # Synchronous rounds: staleness 0, weight 1; both edges in every round closed, and maybe
+    # one in the round the budget cut short.
+    cloud = summary["staleness"]["cloud"]
+    assert (cloud["max"], cloud["weight_mean"]) == (0, 1.0)
+    assert 2 * rounds <= cloud["count"] <= 2 * rounds + 1
+    assert_staleness_adds_up(config, summary)
+    assert_stragglers_were_late_and_taken(config, summary)
+
+
+async def test_async_everywhere_with_stragglers_reaches_the_target(tmp_path: Path) -> None:
+    """A FedBuff root (a step per edge report) over FedBuff edges: nobody waits; the root
+    stops after its model versions and evaluates every few of them."""
+    versions, every = 40, 4
+    config = with_levels(
+        federation("async-all", rounds=(versions, 1), fanout=(2, 4)),
+        {"mode": "fedbuff", "buffer_size": 1, "eval_every": every, "max_seconds": 30.0},
+        ASYNC_EDGE,
+        heterogeneity=STRAGGLERS,
+    )
+    out = tmp_path / "out"
+    started = time.monotonic()
+    summary = await asyncio.wait_for(simulate(config, out, processes=2), RUN_TIMEOUT_S)
+    events = assert_async_results(config, summary, out, time.monotonic() - started)
+
+    assert [e["global_round"] for e in events] == list(range(every, versions + 1, every))
+    (root,) = [n for n in summary["nodes"] if n["role"] == "root"]
+    assert root["rounds"] == versions
+    assert summary["messages"]["cloud"]["down"] == versions + 1  # the first model, then 1/step
+    assert summary["staleness"]["cloud"]["count"] == versions  # one report per step
+    assert_staleness_adds_up(config, summary)
+    assert_stragglers_were_late_and_taken(config, summary)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["async_edges_fedbuff", "async_edges_fedasync", "async_everywhere"]
+)
+async def test_shipped_async_configs_run_to_their_accuracy(tmp_path: Path, name: str) -> None:
+    """``configs/async_*.yaml`` as ``hfl-mqtt sim`` runs them: 32 workers, 8 of them 10x
+    slower, non-IID; each stops within its minute."""
+    config = load_federation(CONFIGS / f"{name}.yaml")
+    started = time.monotonic()
+    summary = await asyncio.wait_for(simulate(config, tmp_path, processes=2), 120)
+    assert_async_results(config, summary, tmp_path, time.monotonic() - started)
+    assert summary["final_accuracy"] >= 0.90
+    assert_staleness_adds_up(config, summary)
+    assert_stragglers_were_late_and_taken(config, summary)
 
 
 # --- 2: one publish per model version, seen on the wire -------------------------------------------

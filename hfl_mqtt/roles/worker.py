@@ -5,7 +5,8 @@ loop keeps the MQTT keepalives going) and publishes ``trained - received`` again
 version it received. Under a synchronous parent, a newer model that arrives during training
 wins: the stale result is dropped, not sent (the parent would refuse it). An asynchronous
 parent (its models say ``async``) takes late results, weighted by their staleness: the worker
-sends what it trained and then trains from the newest model, skipping the ones in between.
+sends what it trained and then trains from the newest model, skipping the ones in between; if
+no newer one has come, it trains again on the one it has (like a FedBuff client, it never idles).
 
 A worker with a ``device`` (``NodeConfig.device``) plays a slower board: each training run
 takes at least ``slowdown * (training seconds + compute_s)``, its link to the parent adds
@@ -78,6 +79,8 @@ class Worker:
         self._spec = ModelSpec.from_arrays(task.get_weights())
         self._seen = RecentIds()
         self._pending: deque[Incoming] = deque()
+        self._keep_training_on: tuple[Envelope, Model] | None = None
+        """The newest model of an asynchronous parent: trained on again while no newer comes."""
         self._log = log.bind(node=config.node, role="worker")
         self.device = config.device
         # The worker's own draws (dropouts): the same device seed, the same sequence.
@@ -105,13 +108,19 @@ class Worker:
         await self._link.subscribe(model_topic(fed, self.parent), chunked_retained=True)
         await self._link.subscribe(ctl_topic(fed, me))
         while True:
-            message = self._next_message() or await self._link.receive()
-            kind = self._kind(message)
-            if kind == "stop":
-                self._log.info("stopping on request")
-                return self.report
-            if kind != "model" or not await self._on_model(message):
-                continue
+            message = self._next_message()
+            if message is None and self._keep_training_on is not None:
+                # An asynchronous parent takes every result: never idle, train again on the
+                # newest model there is (a FedBuff or FedAsync client's loop).
+                await self._train_and_send(*self._keep_training_on)
+            else:
+                message = message or await self._link.receive()
+                kind = self._kind(message)
+                if kind == "stop":
+                    self._log.info("stopping on request")
+                    return self.report
+                if kind != "model" or not await self._on_model(message):
+                    continue
             if self._drops_out() and await self._stay_offline():
                 return self.report
 
@@ -138,6 +147,8 @@ class Worker:
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return False
+        asynchronous = envelope.header.metrics.get("async") is True
+        self._keep_training_on = (envelope, model) if asynchronous else None
         await self._train_and_send(envelope, model)
         return True
 
