@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench test test-slow lint pytest clean
+.PHONY: demo bench bench-staleness test test-slow lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ bench: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/codec_bench.py --json benchmarks/out/codec.json
 	$(BIN)/python benchmarks/aggregator_bench.py --json benchmarks/out/aggregator.json
+
+bench-staleness: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/staleness_bench.py --json benchmarks/out/staleness.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{m} {s}x" for m, s in speedup.items())
         )
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
