@@ -35,6 +35,7 @@ from hfl_mqtt.brokers import (
 from hfl_mqtt.config import BrokerAddress, FederationConfig, NodeConfig
 from hfl_mqtt.embedded import EmbeddedBroker, embedded_available
 from hfl_mqtt.errors import BrokerError, TransportError
+from hfl_mqtt.linkmeter import LinkMeter
 from hfl_mqtt.roles.messages import STOP
 from hfl_mqtt.roles.node import run_node
 from hfl_mqtt.roles.report import NodeReport
@@ -115,12 +116,17 @@ def _run_worker_group(configs: list[str], log_level: int) -> list[dict[str, Any]
 
 @contextlib.contextmanager
 def _brokers(
-    config: FederationConfig, workdir: Path, progress: Progress | None
+    config: FederationConfig,
+    workdir: Path,
+    progress: Progress | None,
+    meters: dict[str, LinkMeter] | None = None,
 ) -> Iterator[dict[str, BrokerAddress]]:
     """Start the brokers the federation asks for; yield which node's subtree uses which.
 
     Without a ``mosquitto`` binary, one embedded amqtt broker (MQTT 3.1.1) stands in, if the
-    ``embedded`` extra is installed.
+    ``embedded`` extra is installed. With ``meters`` (a dict to fill), a ``LinkMeter`` stands in
+    front of every broker, keyed by the node it serves; edge bridges reach the cloud through the
+    cloud's.
     """
     root = config.levels[0].name
     if find_mosquitto() is None:
@@ -133,12 +139,18 @@ def _brokers(
             raise BrokerError("per_edge brokers need Mosquitto (bridges): install it")
         if progress is not None:
             progress.say("no mosquitto on PATH: using the embedded amqtt broker (MQTT 3.1.1)")
-        with EmbeddedBroker() as embedded:
+        with EmbeddedBroker() as embedded, contextlib.ExitStack() as stack:
+            if meters is not None:
+                meters[root] = stack.enter_context(LinkMeter(embedded.host, embedded.port))
             yield {root: BrokerAddress(host=embedded.host, port=embedded.port, protocol="mqtt311")}
         return
     with contextlib.ExitStack() as stack:
         cloud = stack.enter_context(MosquittoBroker(BrokerConfig(), workdir / "broker-cloud"))
         addresses = {root: BrokerAddress(host=cloud.host, port=cloud.port)}
+        bridge_to = (cloud.host, cloud.port)
+        if meters is not None:
+            meters[root] = stack.enter_context(LinkMeter(cloud.host, cloud.port))
+            bridge_to = (meters[root].host, meters[root].port)
         if config.brokers == "per_edge":
             tree = config.tree()
             parents = {kid: parent for parent, kids in tree.items() for kid in kids}
@@ -148,15 +160,54 @@ def _brokers(
                     continue
                 bridge = BridgeConfig(
                     name=edge,
-                    address=cloud.host,
-                    port=cloud.port,
+                    address=bridge_to[0],
+                    port=bridge_to[1],
                     topics=tuple(edge_bridge_topics(config.federation, edge, parents[edge])),
                 )
                 broker = stack.enter_context(
                     MosquittoBroker(BrokerConfig(bridge=bridge), workdir / f"broker-{edge}")
                 )
                 addresses[edge] = BrokerAddress(host=broker.host, port=broker.port)
+                if meters is not None:
+                    meters[edge] = stack.enter_context(LinkMeter(broker.host, broker.port))
         yield addresses
+
+
+def _through_meters(
+    config: FederationConfig,
+    nodes: list[NodeConfig],
+    brokers: dict[str, BrokerAddress],
+    meters: dict[str, LinkMeter],
+) -> list[NodeConfig]:
+    """Point every connection that would cross a network link at its broker's meter: workers'
+    always, and with a single broker every node's but the root's (an edge is elsewhere). An
+    aggregator with a broker of its own, or beside the root's, is on that broker's host."""
+    metered = {
+        brokers[name]: brokers[name].model_copy(update={"host": m.host, "port": m.port})
+        for name, m in meters.items()
+    }
+    root = config.levels[0].name
+
+    def moved(address: BrokerAddress) -> BrokerAddress:
+        return metered.get(address, address)
+
+    result = []
+    for node in nodes:
+        remote = node.role == "worker" or (config.brokers == "single" and node.node != root)
+        if remote:
+            update: dict[str, Any] = {}
+            if node.upstream is not None:
+                update["upstream"] = node.upstream.model_copy(
+                    update={"broker": moved(node.upstream.broker)}
+                )
+            if node.downstream is not None:
+                update["downstream"] = node.downstream.model_copy(
+                    update={"broker": moved(node.downstream.broker)}
+                )
+            result.append(node.model_copy(update=update))
+        else:
+            result.append(node)
+    return result
 
 
 async def _cancel_and_wait(run: asyncio.Future[Any]) -> None:
@@ -219,8 +270,14 @@ async def simulate(
     progress: Progress | None = None,
     processes: int | None = None,
     log_level: int = logging.WARNING,
+    meter_links: bool = False,
 ) -> dict[str, Any]:
-    """Run ``config`` to the end; write ``out/summary.json``, ``metrics.jsonl``, the plot."""
+    """Run ``config`` to the end; write ``out/summary.json``, ``metrics.jsonl``, the plot.
+
+    With ``meter_links``, the bytes crossing each network link are measured on the wire by
+    byte-counting proxies (``hfl_mqtt.linkmeter``): ``links`` in the summary, and
+    ``cloud_link_bytes`` in every evaluation (the links into the root's broker).
+    """
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     workdir = out / "run"
@@ -230,8 +287,14 @@ async def simulate(
     workdir.mkdir()
     metrics_path = out / "metrics.jsonl"
     events: list[dict[str, Any]] = []
-    with _brokers(config, workdir, progress) as brokers, metrics_path.open("w") as metrics_file:
+    meters: dict[str, LinkMeter] | None = {} if meter_links else None
+    with (
+        _brokers(config, workdir, progress, meters) as brokers,
+        metrics_path.open("w") as metrics_file,
+    ):
         nodes = config.node_configs(brokers)
+        if meters is not None:
+            nodes = _through_meters(config, nodes, brokers, meters)
         workers = [n for n in nodes if n.role == "worker"]
         aggregators = [n for n in nodes if n.role != "worker"]
         groups = min(processes or os.cpu_count() or 1, len(workers))
@@ -244,6 +307,8 @@ async def simulate(
             )
 
         def on_event(event: dict[str, Any]) -> None:
+            if meters is not None:
+                event["cloud_link_bytes"] = meters[config.levels[0].name].counts().total
             events.append(event)
             metrics_file.write(json.dumps(event) + "\n")
             metrics_file.flush()
@@ -275,8 +340,14 @@ async def simulate(
                     await _stop_workers(workers, workers_done)
             worker_reports = [r for group in await asyncio.gather(*worker_runs) for r in group]
             aggregator_reports = await aggregator_runs
+        links = {
+            name: {"up": c.up, "down": c.down, "connections": c.connections}
+            for name, c in ((name, m.counts()) for name, m in (meters or {}).items())
+        }
     reports = [r.to_dict() for r in aggregator_reports] + worker_reports
     summary = _summary(config, reports, events, time.monotonic() - started, brokers)
+    if meters is not None:
+        summary["links"] = links
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(config, events, reports, out)
     return summary
