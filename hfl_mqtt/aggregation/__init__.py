@@ -1,16 +1,20 @@
-"""Aggregation strategies: pure math, no I/O. Synchronous (FedAvg) and asynchronous (FedAsync,
-FedBuff), with the staleness weights the asynchronous ones use."""
+"""Aggregation strategies: pure math, no I/O. Synchronous (FedAvg, or a Flower strategy through
+``FlowerStrategy``) and asynchronous (FedAsync, FedBuff), with the staleness weights the
+asynchronous ones use."""
 
 from hfl_mqtt.aggregation.base import Model, RoundStrategy, StreamingStrategy, Update
 from hfl_mqtt.aggregation.fedasync import FedAsync
 from hfl_mqtt.aggregation.fedavg import FedAvg, weighted_mean
 from hfl_mqtt.aggregation.fedbuff import FedBuff
+from hfl_mqtt.aggregation.flower_strategy import FlowerStrategy, FlowerStrategyConfig
 from hfl_mqtt.aggregation.staleness import StalenessFunction
 
 __all__ = [
     "FedAsync",
     "FedAvg",
     "FedBuff",
+    "FlowerStrategy",
+    "FlowerStrategyConfig",
     "Model",
     "RoundStrategy",
     "StalenessFunction",
