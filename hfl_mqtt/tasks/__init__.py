@@ -10,6 +10,7 @@ when used; the digits data set needs the ``sim`` extra (scikit-learn).
 from hfl_mqtt.tasks.base import (
     EvalResult,
     PartitionConfig,
+    RoundAware,
     SyntheticConfig,
     Task,
     TaskConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "EvalResult",
     "NumpyTask",
     "PartitionConfig",
+    "RoundAware",
     "SyntheticConfig",
     "SyntheticData",
     "Task",

@@ -7,23 +7,30 @@ cross this interface as named float32 numpy arrays, named like a torch state dic
 
 ``TaskConfig.factory`` names the callable that builds a task (``"module:callable"``), so a user
 can point it at their own code; the built-in factory is ``hfl_mqtt.tasks.builtin:make_task``.
+``TaskConfig.flower_client`` instead names a function returning an unmodified Flower client
+(``hfl_mqtt.tasks.flower_client``). A module not found on ``sys.path`` is looked for in the
+current directory, as ``python -m`` would, so ``hfl-mqtt sim`` run from a project's root finds
+the project's modules (its worker processes inherit the path).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from hfl_mqtt.errors import TaskError
 
 __all__ = [
     "EvalResult",
     "PartitionConfig",
+    "RoundAware",
     "SyntheticConfig",
     "Task",
     "TaskConfig",
@@ -129,8 +136,37 @@ class SyntheticConfig(BaseModel):
         return self
 
 
+_FLOWER_UNUSED = (
+    "factory",
+    "dataset",
+    "model",
+    "hidden",
+    "partition",
+    "test_fraction",
+    "synthetic",
+)
+"""``TaskConfig`` settings a Flower client brings itself: refused next to ``flower_client``."""
+
+
+def _check_import_path(path: str | None) -> str | None:
+    if path is not None:
+        module, sep, attr = path.partition(":")
+        if not (sep and module and attr):
+            raise ValueError(f"{path!r} is not of the form 'module:callable'")
+    return path
+
+
+ImportPath = Annotated[str | None, AfterValidator(_check_import_path)]
+
+
 class TaskConfig(BaseModel):
-    """Which task a node builds: factory, data set, partitioning, model, training defaults."""
+    """Which task a node builds: factory, data set, partitioning, model, training defaults.
+
+    ``flower_client`` (``"module:fn"``, ``fn(partition_id)``, ``fn(partition_id,
+    num_partitions)`` or Flower's ``fn(context)``, returning a Flower client) replaces the
+    factory, data set and model settings; ``flower_evaluate`` (a Flower strategy's
+    ``evaluate_fn``) is then the root's evaluation. See ``hfl_mqtt.tasks.flower_client``.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -143,12 +179,28 @@ class TaskConfig(BaseModel):
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     seed: Annotated[int, Field(ge=0)] = 0
     synthetic: SyntheticConfig = SyntheticConfig()
-    # Passed through untouched to custom factories.
+    # Passed through untouched to custom factories. With flower_client: the run_config of a
+    # client_fn(context), and added to every fit and evaluate config.
     params: dict[str, Any] = Field(default_factory=dict)
+    flower_client: ImportPath = None
+    flower_evaluate: ImportPath = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
         # Settings that would do nothing are refused rather than silently ignored.
+        if self.flower_client is not None:
+            given = [
+                name
+                for name in _FLOWER_UNUSED
+                if getattr(self, name) != TaskConfig.model_fields[name].default
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: not used with flower_client (the Flower client brings "
+                    "its own model and data)"
+                )
+        elif self.flower_evaluate is not None:
+            raise ValueError("flower_evaluate needs flower_client")
         if self.dataset == "synthetic" and self.partition != PartitionConfig():
             raise ValueError(
                 "partition does not apply to dataset 'synthetic': it is naturally partitioned "
@@ -189,6 +241,19 @@ class Task(Protocol):
         ...
 
 
+@runtime_checkable
+class RoundAware(Protocol):
+    """Optional, for a task that wants to know which model it works on (Flower's
+    ``server_round``).
+
+    A worker calls ``begin_round(version)`` before each ``train()``, with the version of the
+    parent's model it trains from (1, 2, ...: it counts the parent's rounds, not the root's);
+    the root calls ``begin_round(global_round)`` before each ``evaluate()``.
+    """
+
+    def begin_round(self, server_round: int) -> None: ...
+
+
 TaskFactory = Callable[[TaskConfig, int | None, int], Task]
 
 
@@ -206,29 +271,56 @@ def check_weights(
             raise TaskError(f"weight {name!r} has shape {got}, the model expects {shape}")
 
 
-def _import_factory(path: str) -> Callable[..., Any]:
+def import_callable(path: str, what: str = "task factory") -> Callable[..., Any]:
+    """The callable named ``"module:attr"`` (``attr`` may be dotted); ``TaskError`` if there is
+    none. ``what`` names the setting in messages. A module not on ``sys.path`` is looked for in
+    the current directory too."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise TaskError(f"task factory {path!r} is not of the form 'module:callable'")
+        raise TaskError(f"{what} {path!r} is not of the form 'module:callable'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except ImportError as e:
-        raise TaskError(f"task factory {path!r}: cannot import module {module_name!r}: {e}") from e
+        raise TaskError(f"{what} {path!r}: cannot import module {module_name!r}: {e}") from e
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise TaskError(
-                f"task factory {path!r}: module {module_name!r} has no attribute {attr!r}"
+                f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}"
             ) from None
     if not callable(obj):
-        raise TaskError(f"task factory {path!r} is not callable")
+        raise TaskError(f"{what} {path!r} is not callable")
     return cast("Callable[..., Any]", obj)
 
 
+def _import_module(name: str) -> Any:
+    def is_missing(error: ModuleNotFoundError) -> bool:
+        """The module itself (or a package above it) is missing, not something it imports."""
+        missing = error.name or ""
+        return name == missing or name.startswith(missing + ".")
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        # Console scripts, unlike ``python -m``, do not put the current directory on the path.
+        cwd = os.getcwd()
+        if not is_missing(e) or cwd in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as again:
+            if not is_missing(again):
+                raise
+            sys.path.remove(cwd)
+            raise e from None
+
+
 def load_task(config: TaskConfig, partition: int | None, num_partitions: int) -> Task:
-    """Build the task named by ``config.factory``.
+    """Build the task named by ``config.factory`` (or the Flower client of ``flower_client``).
 
     ``partition=None`` asks for the evaluator task, whose ``evaluate()`` uses the held-out test
     split (the root's); otherwise ``partition`` in ``[0, num_partitions)`` selects a worker's
@@ -238,7 +330,11 @@ def load_task(config: TaskConfig, partition: int | None, num_partitions: int) ->
         raise TaskError(f"num_partitions must be >= 1, got {num_partitions}")
     if partition is not None and not 0 <= partition < num_partitions:
         raise TaskError(f"partition {partition} is outside [0, {num_partitions})")
-    factory = _import_factory(config.factory)
+    if config.flower_client is not None:
+        from hfl_mqtt.tasks.flower_client import make_flower_task
+
+        return make_flower_task(config, partition, num_partitions)
+    factory = import_callable(config.factory)
     task = factory(config, partition, num_partitions)
     if not isinstance(task, Task):
         raise TaskError(
