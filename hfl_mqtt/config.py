@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from hfl_mqtt.aggregation.flower_strategy import FlowerStrategyConfig
 from hfl_mqtt.aggregation.staleness import StalenessFunction
 from hfl_mqtt.codec.spec import parse_spec
 from hfl_mqtt.errors import CodecSpecError, ConfigError
@@ -51,6 +52,7 @@ __all__ = [
     "DeviceConfig",
     "DownstreamConfig",
     "FederationConfig",
+    "FlowerParentConfig",
     "HeterogeneityConfig",
     "LevelConfig",
     "NodeConfig",
@@ -124,6 +126,21 @@ class RoundConfig(_Frozen):
     """Asynchronous root: evaluate every this many model versions."""
     max_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """At the root: stop the federation after this long, whatever round it is in."""
+    flower_strategy: FlowerStrategyConfig | None = None
+    """sync: aggregate with a Flower strategy instead of FedAvg: ``name`` (in
+    ``flwr.server.strategy``) or ``class`` (``module:Class``), and ``options``."""
+
+    @model_validator(mode="after")
+    def _flower_strategy_fits(self) -> RoundConfig:
+        if self.flower_strategy is not None:
+            if self.mode != "sync":
+                raise ValueError("flower_strategy works with mode: sync only (rounds of results)")
+            if self.server_lr != 1.0:
+                raise ValueError(
+                    "server_lr does not apply with flower_strategy: give the strategy's own "
+                    "(e.g. FedAdam's eta, FedAvgM's server_learning_rate) in its options"
+                )
+        return self
 
     def min_count(self, children: int) -> int:
         """How many of ``children`` must answer before a round may close at its deadline."""
@@ -155,6 +172,26 @@ class UpstreamConfig(_Frozen):
     _codec = field_validator("codec")(_check_codec)
 
 
+def _check_server_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (an IPv6 host in brackets: [::1]:8080)")
+    return value
+
+
+class FlowerParentConfig(_Frozen):
+    """A stock Flower server as the node's parent: the node joins it as a Flower client, and
+    each ``fit`` runs a cycle of its subtree (``hfl_mqtt/roles/flower_parent.py``)."""
+
+    server_address: Annotated[str, AfterValidator(_check_server_address)] | None = None
+    """The Flower server's address, ``HOST:PORT`` (a legacy gRPC server, ``start_server``);
+    None under a SuperNode, which runs the node as its ClientApp (``hfl_mqtt.flower_app``)."""
+    root_certificates: Path | None = None
+    """PEM file of the root certificates for a TLS server; None: an insecure connection."""
+    connect_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
+    """How long to keep trying while the server is not up yet (then the node fails)."""
+
+
 class DownstreamConfig(RoundConfig):
     """The link to a node's children and the rounds it runs with them."""
 
@@ -164,6 +201,12 @@ class DownstreamConfig(RoundConfig):
     """How this node's model travels down."""
 
     _codec = field_validator("codec")(_check_codec)
+
+    @model_validator(mode="after")
+    def _enough_children(self) -> DownstreamConfig:
+        if self.flower_strategy is not None:
+            self.flower_strategy.check_children(len(self.children), "flower_strategy")
+        return self
 
 
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -281,6 +324,8 @@ class NodeConfig(_Frozen):
     node: Identifier
     upstream: UpstreamConfig | None = None
     downstream: DownstreamConfig | None = None
+    flower_parent: FlowerParentConfig | None = None
+    """Instead of ``upstream``: a Flower server is the parent of this aggregator."""
     task: TaskConfig = TaskConfig()
     partition: Annotated[int, Field(ge=0)] | None = None
     """The worker's data partition; None for aggregators (the root evaluates on the test split)."""
@@ -293,6 +338,13 @@ class NodeConfig(_Frozen):
 
     @model_validator(mode="after")
     def _has_a_link(self) -> NodeConfig:
+        if self.flower_parent is not None:
+            if self.upstream is not None:
+                raise ValueError("flower_parent and upstream exclude each other: one parent")
+            if self.downstream is None:
+                raise ValueError("flower_parent needs a downstream link: it is an aggregator's")
+            if self.downstream.is_async:
+                raise ValueError("flower_parent works with mode: sync (a fit is a cycle of rounds)")
         if self.upstream is None and self.downstream is None:
             raise ValueError("a node needs an upstream link, a downstream link, or both")
         if self.downstream is None and self.partition is None:
@@ -303,7 +355,7 @@ class NodeConfig(_Frozen):
 
     @property
     def role(self) -> Literal["root", "aggregator", "worker"]:
-        if self.upstream is None:
+        if self.upstream is None and self.flower_parent is None:
             return "root"
         return "aggregator" if self.downstream is not None else "worker"
 
@@ -349,6 +401,9 @@ class FederationConfig(_Frozen):
         names = [level.name for level in self.levels]
         if len(set(names)) != len(names):
             raise ValueError("level names must be unique")
+        for depth, (level, children) in enumerate(zip(self.levels, self.fanout, strict=False)):
+            if level.flower_strategy is not None:
+                level.flower_strategy.check_children(children, f"levels.{depth}.flower_strategy")
         return self
 
     @property

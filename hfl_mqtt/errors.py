@@ -17,6 +17,7 @@ Every exception the project raises on purpose is an ``HflError``::
     ├── ConfigError            a configuration file or value is invalid (also a ValueError)
     ├── TaskError              a training task, its settings or its weights are invalid (ValueError)
     ├── BrokerError            a private Mosquitto broker (hfl_mqtt.brokers) failed to start or run
+    ├── FlowerParentError      the Flower server above an aggregator failed, went away or sent junk
     └── TransportError         the MQTT link failed (the client library's errors, translated once)
         └── PublishTimeoutError    a publish was not acknowledged in time
 
@@ -34,6 +35,7 @@ __all__ = [
     "DecodeError",
     "DigestMismatchError",
     "EncodeError",
+    "FlowerParentError",
     "FrameError",
     "HflError",
     "ModelMismatchError",
@@ -109,6 +111,11 @@ class ConfigError(HflError, ValueError):
 
 class TaskError(HflError, ValueError):
     """A training task, its configuration or its weights are invalid."""
+
+
+class FlowerParentError(HflError):
+    """The Flower server an aggregator serves as a client (``NodeConfig.flower_parent``) could
+    not be reached, broke the connection, or asked for something the subtree cannot do."""
 
 
 class TransportError(HflError):

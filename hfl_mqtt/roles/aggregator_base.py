@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from hfl_mqtt.roles.messages import (
     subtract,
 )
 from hfl_mqtt.roles.report import NodeReport, reject_reason
-from hfl_mqtt.tasks.base import Task
+from hfl_mqtt.tasks.base import RoundAware, Task
 from hfl_mqtt.topics import (
     ctl_topic,
     model_topic,
@@ -53,11 +53,14 @@ from hfl_mqtt.topics import (
 )
 from hfl_mqtt.transport.base import Incoming, LinkBase
 
-__all__ = ["AggregatorBase", "EventCallback"]
+__all__ = ["AggregatorBase", "EventCallback", "Step"]
 
 log = structlog.get_logger("hfl_mqtt.roles")
 
 EventCallback = Callable[[dict[str, Any]], None]
+
+Step = Callable[[], Awaitable[None]]
+"""Work from outside the node's links, run by ``AggregatorBase.post`` between two messages."""
 
 MetricDict = dict[str, float | int | str | bool]
 
@@ -87,7 +90,7 @@ class AggregatorBase(ABC):
         self.rounds_config = config.downstream
         self.children = list(config.downstream.children)
         self.down, self.up = down, up
-        self.is_root = config.upstream is None
+        self.is_root = config.role == "root"
         if self.is_root and evaluator is None:
             raise ValueError("the root needs an evaluator task (its initial model and test data)")
         self.evaluator = evaluator
@@ -111,7 +114,7 @@ class AggregatorBase(ABC):
                 error_feedback=config.upstream.error_feedback,
                 seed=config.task.seed + 11,
             )
-        self._events: asyncio.Queue[Incoming] = asyncio.Queue(1000)
+        self._events: asyncio.Queue[Incoming | Step] = asyncio.Queue(1000)
         self._seen = RecentIds()
         self._offline: set[str] = set()
         self._children_bytes: dict[str, tuple[int, int]] = {}
@@ -211,7 +214,16 @@ class AggregatorBase(ABC):
                 else:
                     await self._on_timer()
                 continue
-            await self._handle(message)
+            if isinstance(message, Incoming):
+                await self._handle(message)
+            else:
+                await message()
+
+    async def post(self, step: Step) -> None:
+        """Run ``step`` on the node's loop between two messages, as a message is handled: for
+        work that comes from outside the links (a Flower server's fit, say). It sees the node
+        in a consistent state, as no message is being handled meanwhile."""
+        await self._events.put(step)
 
     async def _handle(self, message: Incoming) -> None:
         topic = parse_topic(message.topic)
@@ -423,6 +435,8 @@ class AggregatorBase(ABC):
         def evaluate() -> Any:
             assert self.evaluator is not None
             self.evaluator.set_weights(model)
+            if isinstance(self.evaluator, RoundAware):
+                self.evaluator.begin_round(self.report.rounds)
             return self.evaluator.evaluate()
 
         result = await asyncio.to_thread(evaluate)

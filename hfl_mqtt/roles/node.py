@@ -4,7 +4,9 @@ Every node is the same program. A node with only an upstream link is a worker; w
 downstream link, the root; with both, an aggregator at any depth. The upstream link carries
 the node's status and Last Will (its parent watches it there); the root puts them on its
 downstream link. An aggregator whose parent and children share a broker uses one connection
-for both, under its own id as client id (so a broker ACL's ``%c`` rules apply to it).
+for both, under its own id as client id (so a broker ACL's ``%c`` rules apply to it). An
+aggregator with a ``flower_parent`` instead of an upstream link serves a Flower server
+(``roles/flower_parent.py``) and, like the root, keeps its status on its downstream link.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from hfl_mqtt.aggregation.base import RoundStrategy
+from hfl_mqtt.aggregation.flower_strategy import FlowerStrategy
 from hfl_mqtt.config import BrokerAddress, NodeConfig
 from hfl_mqtt.roles.aggregator import Aggregator, EventCallback
 from hfl_mqtt.roles.async_aggregator import AsyncAggregator
+from hfl_mqtt.roles.flower_parent import run_under_flower_server
 from hfl_mqtt.roles.messages import status_payload
 from hfl_mqtt.roles.report import NodeReport
 from hfl_mqtt.roles.worker import Worker
@@ -55,6 +60,7 @@ async def run_node(
     """Connect, serve in the node's role until told to stop (or done, at the root)."""
     make = links or mqtt_link_factory(config.chunk_size)
     status = status_topic(config.federation, config.node)
+    strategy = round_strategy(config)  # before connecting: a bad one fails at once
     async with contextlib.AsyncExitStack() as stack:
         up = down = None
         if config.upstream is not None:
@@ -79,10 +85,29 @@ async def run_node(
         evaluator = None
         if up is None:
             evaluator = load_task(config.task, None, config.num_partitions)
+        if config.flower_parent is not None:  # a Flower server above: it drives the cycles
+            assert evaluator is not None
+            return await run_under_flower_server(
+                config, down, task=evaluator, strategy=strategy, on_event=on_event
+            )
         is_async = config.downstream is not None and config.downstream.is_async
-        mode = AsyncAggregator if is_async else Aggregator
-        return await mode(config, down, up, evaluator=evaluator, on_event=on_event).run()
+        if is_async:
+            return await AsyncAggregator(
+                config, down, up, evaluator=evaluator, on_event=on_event
+            ).run()
+        return await Aggregator(
+            config, down, up, evaluator=evaluator, strategy=strategy, on_event=on_event
+        ).run()
     raise AssertionError("unreachable")
+
+
+def round_strategy(config: NodeConfig) -> RoundStrategy | None:
+    """The synchronous aggregation ``config`` asks for (its ``flower_strategy``, resolved and
+    checked; ``ConfigError`` if it cannot be built); None: the default, streaming FedAvg."""
+    downstream = config.downstream
+    if downstream is None or downstream.flower_strategy is None:
+        return None
+    return FlowerStrategy.from_config(downstream.flower_strategy, node=config.node)
 
 
 async def _enter(stack: contextlib.AsyncExitStack, link: Any) -> LinkBase:

@@ -39,7 +39,7 @@ from hfl_mqtt.roles.messages import (
     subtract,
 )
 from hfl_mqtt.roles.report import NodeReport, reject_reason
-from hfl_mqtt.tasks.base import Task, TrainResult
+from hfl_mqtt.tasks.base import RoundAware, Task, TrainResult
 from hfl_mqtt.topics import ctl_topic, model_topic, parse_topic, status_topic, up_topic
 from hfl_mqtt.transport.base import Incoming, LinkBase
 from hfl_mqtt.transport.shaping import LinkShaper, ShapedLink
@@ -156,7 +156,7 @@ class Worker:
         version = envelope.header.version
         log_round = self._log.bind(base_version=version)
         started = time.monotonic()
-        trained, result = await asyncio.to_thread(self._train, model)
+        trained, result = await asyncio.to_thread(self._train, model, version)
         await self._take_device_time(time.monotonic() - started)
         self.report.trained += 1
         newer_waiting = self._newer_model_waiting()  # also sets aside what arrived meanwhile
@@ -229,8 +229,10 @@ class Worker:
             self._pending.append(latest_model)
         return False
 
-    def _train(self, model: Model) -> tuple[Model, TrainResult]:
+    def _train(self, model: Model, version: int) -> tuple[Model, TrainResult]:
         self.task.set_weights(model)
+        if isinstance(self.task, RoundAware):
+            self.task.begin_round(version)
         result = self.task.train(self.config.task.train)
         return self.task.get_weights(), result
 
