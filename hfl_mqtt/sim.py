@@ -36,6 +36,7 @@ from hfl_mqtt.config import BrokerAddress, FederationConfig, NodeConfig
 from hfl_mqtt.embedded import EmbeddedBroker, embedded_available
 from hfl_mqtt.errors import BrokerError, TransportError
 from hfl_mqtt.linkmeter import LinkMeter
+from hfl_mqtt.roles.aggregator import EventCallback
 from hfl_mqtt.roles.messages import STOP
 from hfl_mqtt.roles.node import run_node
 from hfl_mqtt.roles.report import NodeReport
@@ -220,18 +221,28 @@ async def _cancel_and_wait(run: asyncio.Future[Any]) -> None:
         run.exception()  # retrieved, so not logged; awaiting ``run`` still raises it
 
 
-async def _stop_workers(workers: list[NodeConfig], done: asyncio.Future[Any]) -> None:
-    """Send every worker a stop on its control topic until ``done`` (bounded, best effort).
+async def _stop_after(
+    root: asyncio.Future[Any], nodes: list[NodeConfig], done: asyncio.Future[Any]
+) -> None:
+    """Once ``root`` has ended, repeat the stop to ``nodes`` until ``done``."""
+    await asyncio.wait({root})
+    await _stop_nodes(nodes, done, "after-root")
 
-    A worker still loading its task has not subscribed to its control topic yet, and a stop
-    sent before that is lost (it is not retained): so the stop is repeated.
+
+async def _stop_nodes(
+    nodes: list[NodeConfig], done: asyncio.Future[Any], name: str = "stop"
+) -> None:
+    """Send every node a stop on its control topic until ``done`` (bounded, best effort).
+
+    A node still starting has not subscribed to its control topic yet, and a stop sent before
+    that is lost (it is not retained): so the stop is repeated.
     """
     by_broker: dict[BrokerAddress, list[str]] = {}
-    for worker in workers:
-        assert worker.upstream is not None
-        topic = ctl_topic(worker.federation, worker.node)
-        by_broker.setdefault(worker.upstream.broker, []).append(topic)
-    client_id = f"hfl-sim-stop-{os.getpid()}"
+    for node in nodes:
+        assert node.upstream is not None
+        topic = ctl_topic(node.federation, node.node)
+        by_broker.setdefault(node.upstream.broker, []).append(topic)
+    client_id = f"hfl-sim-{name}-{os.getpid()}"
     with contextlib.suppress(TransportError, TimeoutError):
         async with asyncio.timeout(_STOP_TIMEOUT_S), contextlib.AsyncExitStack() as stack:
             links: list[tuple[MqttLink, list[str]]] = []
@@ -261,6 +272,49 @@ def _level_totals(
                 volume[name][direction] += stats["bytes_sent"]
                 count[name][direction] += stats["messages_sent"]
     return volume, count
+
+
+async def _run_nodes(
+    nodes: list[NodeConfig], groups: int, log_level: int, on_event: EventCallback
+) -> tuple[list[NodeReport], list[dict[str, Any]]]:
+    """Run the aggregators here and the workers in ``groups`` processes, until all have ended
+    (or one has failed: then the others are stopped)."""
+    workers = [n for n in nodes if n.role == "worker"]
+    aggregators = [n for n in nodes if n.role != "worker"]
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(groups, mp_context=context) as pool:
+        shares = [workers[i::groups] for i in range(groups)]
+        worker_runs = [
+            loop.run_in_executor(
+                pool, _run_worker_group, [w.model_dump_json() for w in share], log_level
+            )
+            for share in shares
+        ]
+        aggregator_tasks = [
+            asyncio.ensure_future(run_node(n, on_event=on_event)) for n in aggregators
+        ]
+        aggregator_runs = asyncio.gather(*aggregator_tasks)
+        workers_done = asyncio.gather(*worker_runs, return_exceptions=True)
+        runs: set[asyncio.Future[Any]] = {aggregator_runs, *worker_runs}
+        # The root tells its subtree to stop when it is done; a node that was not listening
+        # yet (still starting, at a short max_seconds) would miss it and keep the run going.
+        everyone_else = asyncio.gather(*aggregator_tasks[1:], workers_done, return_exceptions=True)
+        stopper = asyncio.ensure_future(_stop_after(aggregator_tasks[0], nodes[1:], everyone_else))
+        try:
+            await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            if not (aggregator_runs.done() and workers_done.done()):
+                # An aggregator failed, a worker process failed (its task did not load, it
+                # died), or we are cancelled: the other nodes would wait for it forever (a
+                # root waits for its minimum of children), and leaving the pool waits for
+                # every worker process. Stop the aggregators here, the workers by message.
+                await _cancel_and_wait(aggregator_runs)
+                await _stop_nodes(workers, workers_done)
+        worker_reports = [r for group in await asyncio.gather(*worker_runs) for r in group]
+        aggregator_reports = await aggregator_runs
+        await stopper
+    return aggregator_reports, worker_reports
 
 
 async def simulate(
@@ -315,31 +369,7 @@ async def simulate(
             if progress is not None:
                 progress.round(event)
 
-        loop = asyncio.get_running_loop()
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(groups, mp_context=context) as pool:
-            shares = [workers[i::groups] for i in range(groups)]
-            worker_runs = [
-                loop.run_in_executor(
-                    pool, _run_worker_group, [w.model_dump_json() for w in share], log_level
-                )
-                for share in shares
-            ]
-            aggregator_runs = asyncio.gather(*(run_node(n, on_event=on_event) for n in aggregators))
-            workers_done = asyncio.gather(*worker_runs, return_exceptions=True)
-            runs: set[asyncio.Future[Any]] = {aggregator_runs, *worker_runs}
-            try:
-                await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
-            finally:
-                if not (aggregator_runs.done() and workers_done.done()):
-                    # An aggregator failed, a worker process failed (its task did not load, it
-                    # died), or we are cancelled: the other nodes would wait for it forever (a
-                    # root waits for its minimum of children), and leaving the pool waits for
-                    # every worker process. Stop the aggregators here, the workers by message.
-                    await _cancel_and_wait(aggregator_runs)
-                    await _stop_workers(workers, workers_done)
-            worker_reports = [r for group in await asyncio.gather(*worker_runs) for r in group]
-            aggregator_reports = await aggregator_runs
+        aggregator_reports, worker_reports = await _run_nodes(nodes, groups, log_level, on_event)
         links = {
             name: {"up": c.up, "down": c.down, "connections": c.connections}
             for name, c in ((name, m.counts()) for name, m in (meters or {}).items())
