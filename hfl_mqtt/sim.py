@@ -246,8 +246,12 @@ async def _stop_nodes(
     with contextlib.suppress(TransportError, TimeoutError):
         async with asyncio.timeout(_STOP_TIMEOUT_S), contextlib.AsyncExitStack() as stack:
             links: list[tuple[MqttLink, list[str]]] = []
-            for broker, topics in by_broker.items():
-                link = MqttLink(broker.host, broker.port, client_id, protocol=broker.protocol)
+            # Two addresses may be one broker (directly and through a link meter): one client
+            # id each, or the broker would hand one session back and forth between them.
+            for index, (broker, topics) in enumerate(by_broker.items()):
+                link = MqttLink(
+                    broker.host, broker.port, f"{client_id}-{index}", protocol=broker.protocol
+                )
                 links.append((await stack.enter_async_context(link), topics))
             while not done.done():
                 for entered, topics in links:
