@@ -8,17 +8,23 @@ child, a hostile one or a parent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 import numpy as np
+import pytest
 
+from hfl_mqtt.brokers import find_mosquitto
 from hfl_mqtt.codec import Compressor, Header, Message, decode_message, encode_message
 from hfl_mqtt.config import BrokerAddress, DownstreamConfig, NodeConfig, UpstreamConfig
+from hfl_mqtt.roles.aggregator import Aggregator
+from hfl_mqtt.roles.aggregator_base import AggregatorBase
+from hfl_mqtt.roles.async_aggregator import AsyncAggregator
 from hfl_mqtt.roles.messages import model_message, status_payload
 from hfl_mqtt.roles.node import LinkFactory
 from hfl_mqtt.roles.report import NodeReport
@@ -26,6 +32,9 @@ from hfl_mqtt.tasks.base import EvalResult, TrainConfig, TrainResult
 from hfl_mqtt.topics import ctl_topic, model_topic, parse_topic, status_topic, up_filter, up_topic
 from hfl_mqtt.transport.base import Incoming, LinkBase
 from hfl_mqtt.transport.memory import MemoryBroker, MemoryLink
+
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+"""For tests on real brokers (CI installs Mosquitto, so they run there)."""
 
 FED = "fed"
 WAIT = 5.0
@@ -284,3 +293,76 @@ class Peer:
 
     async def kill(self) -> None:
         await self.link.kill()
+
+
+# --- an aggregator among scripted peers ------------------------------------------------------
+
+
+class Running:
+    """An aggregator running in a task, and the scripted peers around it."""
+
+    def __init__(self, aggregator: AggregatorBase, task: asyncio.Task[NodeReport]) -> None:
+        self.agg = aggregator
+        self.task = task
+        self.peers: dict[str, Peer] = {}
+
+    @property
+    def report(self) -> NodeReport:
+        return self.agg.report
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+        """Let the aggregator work until ``predicate()``; its crash fails the test at once."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.task.done():
+                self.task.result()
+                raise AssertionError("the aggregator stopped")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not reached in {timeout} s")
+            await asyncio.sleep(0.001)
+
+    async def model(self, child: str) -> Message:
+        """The next model ``child`` sees."""
+        return await self.peers[child].next_model()
+
+    async def settle(self) -> None:
+        """Give the aggregator the chance to handle whatever was sent (and do nothing more)."""
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not self.task.done()
+
+
+@contextlib.asynccontextmanager
+async def running_aggregator(
+    name: str, children: list[str], *, parent: str | None = None, **rounds: Any
+) -> AsyncIterator[Running]:
+    """An aggregator over scripted children (and under a scripted parent, if it has one),
+    synchronous or asynchronous as ``rounds`` (``DownstreamConfig`` settings) say.
+
+    A root's model starts at ``W0``; a non-root one waits for its parent's.
+    """
+    broker = MemoryBroker()
+    config = aggregator_config(name, children, parent=parent, **rounds)
+    status = status_topic(FED, name)
+    async with contextlib.AsyncExitStack() as stack:
+        peers = {c: await stack.enter_async_context(Peer(broker, c, parent=name)) for c in children}
+        up = None
+        if parent is not None:
+            peers[parent] = await stack.enter_async_context(Peer(broker, parent, serves=True))
+            up = await stack.enter_async_context(MemoryLink(broker, name, status_topic=status))
+        down = await stack.enter_async_context(
+            MemoryLink(broker, f"{name}.down", status_topic=None if up else status)
+        )
+        assert config.downstream is not None
+        mode = AsyncAggregator if config.downstream.is_async else Aggregator
+        agg = mode(config, down, up, evaluator=None if up else FakeTask())
+        run = Running(agg, asyncio.create_task(agg.run(), name=name))
+        run.peers = peers
+        try:
+            yield run
+        finally:
+            if run.task.done():
+                run.task.result()
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run.task

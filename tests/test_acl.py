@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from hfl_mqtt.brokers import BrokerConfig, MosquittoBroker, find_mosquitto
+from hfl_mqtt.brokers import BrokerConfig, MosquittoBroker
 from hfl_mqtt.config import BrokerAddress, FederationConfig
 from hfl_mqtt.roles import run_node
+from tests.fakes import needs_mosquitto
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto"),
+    needs_mosquitto,
 ]
 
 ACL = Path(__file__).parent.parent / "brokers" / "acl.conf"

@@ -4,11 +4,9 @@ version bookkeeping (rebase, reporting up, rejection past the bound, duplicates)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,23 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfl_mqtt.aggregation import FedAsync, FedBuff, StalenessFunction, Update
-from hfl_mqtt.codec import Message
-from hfl_mqtt.roles.aggregator import Aggregator
-from hfl_mqtt.roles.aggregator_base import AggregatorBase
-from hfl_mqtt.roles.async_aggregator import AsyncAggregator
-from hfl_mqtt.roles.report import NodeReport
-from hfl_mqtt.topics import status_topic
-from hfl_mqtt.transport.memory import MemoryBroker, MemoryLink
 from tests.fakes import (
-    FED,
     W0,
     WAIT,
-    FakeTask,
-    Peer,
-    aggregator_config,
     assert_model,
     delta_bytes,
     filled,
+    running_aggregator,
     shifted,
     until,
 )
@@ -208,56 +196,11 @@ def test_fedbuff_step_does_not_depend_on_arrival_order(
 # --- the asynchronous aggregator on the in-memory transport -----------------------------------
 
 
-@dataclass
-class AsyncRun:
-    agg: AggregatorBase
-    task: asyncio.Task[NodeReport]
-    peers: dict[str, Peer] = field(default_factory=dict)
-
-    @property
-    def report(self) -> NodeReport:
-        return self.agg.report
-
-    async def model(self, child: str) -> Message:
-        """The next model ``child`` sees."""
-        return await self.peers[child].next_model()
-
-
-@contextlib.asynccontextmanager
-async def async_aggregator(
-    name: str, children: list[str], *, parent: str | None = None, **settings_: Any
-) -> AsyncIterator[AsyncRun]:
-    broker = MemoryBroker()
-    config = aggregator_config(name, children, parent=parent, **settings_)
-    status = status_topic(FED, name)
-    async with contextlib.AsyncExitStack() as stack:
-        peers = {c: await stack.enter_async_context(Peer(broker, c, parent=name)) for c in children}
-        up = None
-        if parent is not None:
-            peers[parent] = await stack.enter_async_context(Peer(broker, parent, serves=True))
-            up = await stack.enter_async_context(MemoryLink(broker, name, status_topic=status))
-        down = await stack.enter_async_context(
-            MemoryLink(broker, f"{name}.down", status_topic=None if up else status)
-        )
-        assert config.downstream is not None
-        mode = AsyncAggregator if config.downstream.is_async else Aggregator
-        agg = mode(config, down, up, evaluator=None if up else FakeTask())
-        run = AsyncRun(agg, asyncio.create_task(agg.run(), name=name), peers)
-        try:
-            yield run
-        finally:
-            if run.task.done():
-                run.task.result()
-            run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run.task
-
-
 async def test_rebase_mid_buffer_keeps_the_buffer_and_counts_nothing_twice() -> None:
     """An edge (FedBuff, K=2) under a synchronous parent gets a new parent model while one
     update waits in its buffer."""
     constant = StalenessFunction(function="constant")
-    async with async_aggregator(
+    async with running_aggregator(
         "edge",
         ["a", "b"],
         parent="cloud",
@@ -305,7 +248,7 @@ async def test_rebase_mid_buffer_keeps_the_buffer_and_counts_nothing_twice() -> 
 
 
 async def test_a_report_the_synchronous_parent_missed_is_sent_again() -> None:
-    async with async_aggregator(
+    async with running_aggregator(
         "edge",
         ["a"],
         parent="cloud",
@@ -334,7 +277,7 @@ async def test_a_report_the_synchronous_parent_missed_is_sent_again() -> None:
 
 
 async def test_under_an_asynchronous_parent_every_report_moves_the_anchor() -> None:
-    async with async_aggregator(
+    async with running_aggregator(
         "edge",
         ["a"],
         parent="cloud",
@@ -362,7 +305,7 @@ async def test_under_an_asynchronous_parent_every_report_moves_the_anchor() -> N
 
 
 async def test_a_synchronous_edge_under_an_asynchronous_parent_does_not_wait() -> None:
-    async with async_aggregator("edge", ["a"], parent="cloud", rounds=1) as run:
+    async with running_aggregator("edge", ["a"], parent="cloud", rounds=1) as run:
         cloud = run.peers["cloud"]
         await cloud.publish_model(W0, **{"async": True})
         v1 = await run.model("a")
@@ -388,7 +331,7 @@ async def test_a_synchronous_edge_under_an_asynchronous_parent_does_not_wait() -
 
 
 async def test_reports_go_up_on_the_timer_when_the_count_is_not_reached() -> None:
-    async with async_aggregator(
+    async with running_aggregator(
         "edge",
         ["a"],
         parent="cloud",
@@ -410,7 +353,7 @@ async def test_reports_go_up_on_the_timer_when_the_count_is_not_reached() -> Non
 
 
 async def test_updates_past_the_staleness_bound_are_refused() -> None:
-    async with async_aggregator(
+    async with running_aggregator(
         "root", ["a", "b"], mode="fedasync", max_staleness=2, rounds=100
     ) as run:
         v1 = await run.model("a")
@@ -429,7 +372,7 @@ async def test_updates_past_the_staleness_bound_are_refused() -> None:
 
 
 async def test_the_asynchronous_root_stops_after_its_versions() -> None:
-    async with async_aggregator(
+    async with running_aggregator(
         "root", ["a"], mode="fedbuff", buffer_size=1, rounds=3, eval_every=2
     ) as run:
         for _ in range(3):
@@ -454,7 +397,7 @@ async def final_model(
     mode: str, payloads: list[tuple[str, bytes]], duplicates: int
 ) -> dict[str, np.ndarray]:
     """The root's model once it has handled every payload, sent in order on one link."""
-    async with async_aggregator(
+    async with running_aggregator(
         "root", ["a", "b", "c"], mode=mode, buffer_size=2, max_staleness=20, rounds=100
     ) as run:
         await run.model("a")

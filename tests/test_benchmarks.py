@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import aggregator_bench, codec_bench, staleness_bench
-from hfl_mqtt.brokers import find_mosquitto
+from tests.fakes import needs_mosquitto
 
 
 def test_codec_bench_writes_one_record_per_model_and_spec(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_codec_bench_writes_one_record_per_model_and_spec(tmp_path: Path) -> Non
     assert ours[2]["ratio_vs_npy"] > 6
 
 
-@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+@needs_mosquitto
 def test_aggregator_bench_runs_a_real_edge_and_both_transports(tmp_path: Path) -> None:
     out = tmp_path / "aggregator.json"
     argv = ["--params", "3000", "--children", "3", "--rounds", "2", "--agg-repeats", "1"]
@@ -63,7 +63,7 @@ def test_aggregator_bench_runs_a_real_edge_and_both_transports(tmp_path: Path) -
     assert result["machine"]["cpu_count"] >= 1
 
 
-@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+@needs_mosquitto
 def test_staleness_bench_writes_one_record_per_mode(tmp_path: Path) -> None:
     """Three tiny 3-level federations (sync, FedAsync, FedBuff edges) of 4 s each."""
     out = tmp_path / "staleness.json"
@@ -96,7 +96,7 @@ def test_staleness_bench_writes_one_record_per_mode(tmp_path: Path) -> None:
     assert records[1]["staleness"]["edge"]["max"] > 0
 
 
-@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+@needs_mosquitto
 def test_vs_flower_writes_one_record_per_system(tmp_path: Path) -> None:
     """Flat Flower and hfl-mqtt on a tiny softmax task: the schema, and both links metered."""
     pytest.importorskip("flwr")

@@ -21,16 +21,15 @@ from hfl_mqtt.brokers import (
     MosquittoBroker,
     edge_bridge_topics,
     example_files,
-    find_mosquitto,
     free_port,
     read_sys_bytes,
     render_acl,
     render_config,
 )
 from hfl_mqtt.errors import BrokerError, HflError
+from tests.fakes import needs_mosquitto
 
 BROKERS_DIR = Path(__file__).resolve().parent.parent / "brokers"
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 Received = list[tuple[str, bytes, bool]]
 
 

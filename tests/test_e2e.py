@@ -38,7 +38,6 @@ from hfl_mqtt.brokers import (
     BrokerConfig,
     MosquittoBroker,
     edge_bridge_topics,
-    find_mosquitto,
     read_sys_bytes,
 )
 from hfl_mqtt.codec import (
@@ -64,10 +63,11 @@ from hfl_mqtt.topics import ctl_topic, model_topic, status_topic, up_topic
 from hfl_mqtt.transport.base import LinkBase
 from hfl_mqtt.transport.memory import MemoryBroker, MemoryLink
 from hfl_mqtt.transport.mqtt import MqttLink
+from tests.fakes import needs_mosquitto
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed"),
+    needs_mosquitto,
 ]
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from hfl_mqtt.brokers import find_mosquitto
 from hfl_mqtt.config import FederationConfig, LevelConfig, load_federation
 from hfl_mqtt.errors import ConfigError
 from hfl_mqtt.roles import run_node
@@ -28,7 +27,7 @@ from hfl_mqtt.tasks import RoundAware, Task, TaskConfig, TaskError, TrainConfig,
 from hfl_mqtt.tasks.base import import_callable
 from hfl_mqtt.tasks.flower_client import FIT_CONFIG_KEYS, FlowerClientTask, fit_config
 from hfl_mqtt.transport.memory import MemoryBroker
-from tests.fakes import memory_links
+from tests.fakes import memory_links, needs_mosquitto
 
 flwr = pytest.importorskip("flwr")
 from flwr.client import NumPyClient  # noqa: E402
@@ -500,7 +499,7 @@ async def test_server_round_follows_the_model_versions_in_a_federation() -> None
 
 
 @pytest.mark.anyio
-@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+@needs_mosquitto
 async def test_the_example_flower_clients_train_in_a_3_level_federation(tmp_path: Path) -> None:
     """``examples/flower_clients/federation.yaml`` shrunk to a cloud, 2 edges and 6 workers for
     5 global rounds: torch NumPyClients in worker processes, real Mosquitto."""

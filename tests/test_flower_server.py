@@ -28,18 +28,19 @@ from flwr.common import ndarrays_to_parameters
 from flwr.server import History, ServerConfig, start_server
 from flwr.server.strategy import FedAvg
 
-from hfl_mqtt.brokers import MosquittoBroker, find_mosquitto
+from hfl_mqtt.brokers import MosquittoBroker
 from hfl_mqtt.codec.flower import arrays_to_array_record
 from hfl_mqtt.config import BrokerAddress, FederationConfig, FlowerParentConfig, NodeConfig
 from hfl_mqtt.errors import FlowerParentError
 from hfl_mqtt.roles import NodeReport, run_node
 from hfl_mqtt.roles.flower_parent import beneath_flower_server
 from hfl_mqtt.tasks.base import load_task
+from tests.fakes import needs_mosquitto
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.flower,
-    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed"),
+    needs_mosquitto,
 ]
 
 StartBroker = Callable[..., MosquittoBroker]

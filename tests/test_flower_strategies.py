@@ -40,7 +40,6 @@ from flwr.server import strategy as fl
 from flwr.server.client_proxy import ClientProxy
 
 from hfl_mqtt.aggregation import FedAvg, FlowerStrategy, FlowerStrategyConfig, Update
-from hfl_mqtt.brokers import find_mosquitto
 from hfl_mqtt.config import (
     ConfigError,
     DownstreamConfig,
@@ -63,6 +62,7 @@ from tests.fakes import (
     assert_model,
     filled,
     memory_links,
+    needs_mosquitto,
 )
 
 pytestmark = pytest.mark.flower
@@ -710,7 +710,7 @@ rounds are deterministic here), in 4-6 s; our streaming FedAvg at both levels 0.
 
 
 @pytest.mark.anyio
-@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+@needs_mosquitto
 async def test_a_federation_with_fedadam_at_the_cloud(tmp_path: Path) -> None:
     config = FederationConfig.model_validate(
         {

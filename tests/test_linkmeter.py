@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from hfl_mqtt.brokers import MosquittoBroker, find_mosquitto
+from hfl_mqtt.brokers import MosquittoBroker
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.linkmeter import LinkMeter
 from hfl_mqtt.sim import simulate
 from hfl_mqtt.transport.mqtt import MqttLink
+from tests.fakes import needs_mosquitto
 
 pytestmark = [
     pytest.mark.anyio,
-    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed"),
+    needs_mosquitto,
 ]
 
 

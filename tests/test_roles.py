@@ -9,7 +9,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -29,7 +29,7 @@ from hfl_mqtt.codec import (
     npy_bytes,
 )
 from hfl_mqtt.config import FederationConfig, LevelConfig
-from hfl_mqtt.roles import Aggregator, NodeReport, Worker, run_node
+from hfl_mqtt.roles import Worker, run_node
 from hfl_mqtt.roles.messages import (
     STOP,
     model_message,
@@ -46,81 +46,19 @@ from tests.fakes import (
     WAIT,
     FakeTask,
     Peer,
-    aggregator_config,
+    Running,
     assert_model,
     delta_bytes,
     filled,
     memory_links,
     rejected,
+    running_aggregator,
     shifted,
     until,
     worker_config,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-class Running:
-    """An aggregator running in a task, and the scripted peers around it."""
-
-    def __init__(self, aggregator: Aggregator, task: asyncio.Task[NodeReport]) -> None:
-        self.agg = aggregator
-        self.task = task
-        self.peers: dict[str, Peer] = {}
-
-    @property
-    def report(self) -> NodeReport:
-        return self.agg.report
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-        """Let the aggregator work until ``predicate()``; its crash fails the test at once."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.task.done():
-                self.task.result()
-                raise AssertionError("the aggregator stopped")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not reached in {timeout} s")
-            await asyncio.sleep(0.001)
-
-    async def settle(self) -> None:
-        """Give the aggregator the chance to handle whatever was sent (and do nothing more)."""
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not self.task.done()
-
-
-@contextlib.asynccontextmanager
-async def running_aggregator(
-    name: str, children: list[str], *, parent: str | None = None, **rounds: Any
-) -> AsyncIterator[Running]:
-    """An aggregator over scripted children (and under a scripted parent, if it has one).
-
-    A root's model starts at ``W0``; a non-root one waits for its parent's.
-    """
-    broker = MemoryBroker()
-    config = aggregator_config(name, children, parent=parent, **rounds)
-    status = status_topic(FED, name)
-    async with contextlib.AsyncExitStack() as stack:
-        peers = {c: await stack.enter_async_context(Peer(broker, c, parent=name)) for c in children}
-        up = None
-        if parent is not None:
-            peers[parent] = await stack.enter_async_context(Peer(broker, parent, serves=True))
-            up = await stack.enter_async_context(MemoryLink(broker, name, status_topic=status))
-        down = await stack.enter_async_context(
-            MemoryLink(broker, f"{name}.down", status_topic=None if up else status)
-        )
-        agg = Aggregator(config, down, up, evaluator=None if up else FakeTask())
-        run = Running(agg, asyncio.create_task(agg.run(), name=name))
-        run.peers = peers
-        try:
-            yield run
-        finally:
-            if run.task.done():
-                run.task.result()
-            run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run.task
 
 
 def running_root(children: list[str], **rounds: Any) -> AbstractAsyncContextManager[Running]:
