@@ -24,6 +24,7 @@ Errors name the file and the field: ``ConfigError: configs/x.yaml: levels.1.roun
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -36,6 +37,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "HeterogeneityConfig",
     "LevelConfig",
     "NodeConfig",
+    "TlsConfig",
     "UpstreamConfig",
     "load_federation",
     "load_node",
@@ -80,13 +83,89 @@ def _check_codec(value: str) -> str:
     return value
 
 
+def _relative_to_config(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A relative path in a YAML file is relative to that file (``load_node`` says where)."""
+    base = (info.context or {}).get(_BASE_DIR)
+    if value is None or value.is_absolute() or base is None:
+        return value
+    return Path(base) / value
+
+
+_BASE_DIR = "base_dir"
+ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
+"""A file named in a config: absolute, or relative to the config file it is written in."""
+
+
+class TlsConfig(_Frozen):
+    """TLS for a link: the CA that signed the broker's certificate, and optionally this node's
+    own certificate and key (for a broker that asks for client certificates)."""
+
+    ca_file: ConfigPath | None = None
+    """PEM file of the CA to trust; None: the system's trusted CAs."""
+    cert_file: ConfigPath | None = None
+    """PEM file of this node's client certificate (with ``key_file``)."""
+    key_file: ConfigPath | None = None
+    """PEM file of the private key of ``cert_file``."""
+    insecure_skip_verify: bool = False
+    """Accept any broker certificate, without checking its signature or host name: for a lab
+    only, never for a fleet (a man in the middle could read and change every model)."""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        return self
+
+
+PASSWORD_ENV = "HFL_MQTT_PASSWORD"
+"""Environment variable that, when set, overrides every ``password_file`` of the process."""
+
+
 class BrokerAddress(_Frozen):
-    """Where a link connects."""
+    """Where a link connects, and how it proves who it is.
+
+    Secrets never sit in the YAML file: ``password_file`` names a file holding the password
+    (its first line; the environment variable ``HFL_MQTT_PASSWORD`` overrides it when set),
+    read when the link connects and never logged.
+    """
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     protocol: Literal["mqtt5", "mqtt311"] = "mqtt5"
     """MQTT 5 (persistent sessions with an expiry); 3.1.1 only for brokers without 5."""
+    tls: TlsConfig | None = None
+    """None: plain TCP."""
+    username: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """The broker user (one per node in a fleet: the ACL pins it to its topics with ``%u``)."""
+    password_file: ConfigPath | None = None
+    """File whose first line is the password of ``username``."""
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> BrokerAddress:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs a username")
+        return self
+
+    def password(self) -> str | None:
+        """The password: ``HFL_MQTT_PASSWORD`` if set, else the first line of
+        ``password_file``, else None. ``ConfigError`` if the file cannot be read."""
+        if self.username is None:
+            return None
+        from_env = os.environ.get(PASSWORD_ENV)
+        if from_env:
+            return from_env
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text(encoding="utf8")
+        except OSError as exc:
+            raise ConfigError(
+                f"password_file {self.password_file}: cannot read: {exc.strerror}"
+            ) from None
+        lines = text.splitlines()
+        if not lines or not lines[0]:
+            raise ConfigError(f"password_file {self.password_file}: empty")
+        return lines[0]
 
 
 class RoundConfig(_Frozen):
@@ -502,9 +581,9 @@ def _load_yaml(path: Path) -> Any:
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(model: type[M], data: Any, source: str) -> M:
+def _validate(model: type[M], data: Any, source: str, base_dir: Path | None = None) -> M:
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={_BASE_DIR: base_dir})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
@@ -516,10 +595,10 @@ def _validate(model: type[M], data: Any, source: str) -> M:
 def load_federation(path: str | Path) -> FederationConfig:
     """Read and check a federation file."""
     path = Path(path)
-    return _validate(FederationConfig, _load_yaml(path), str(path))
+    return _validate(FederationConfig, _load_yaml(path), str(path), path.parent)
 
 
 def load_node(path: str | Path) -> NodeConfig:
-    """Read and check a single node's file."""
+    """Read and check a single node's file (relative file paths in it are relative to it)."""
     path = Path(path)
-    return _validate(NodeConfig, _load_yaml(path), str(path))
+    return _validate(NodeConfig, _load_yaml(path), str(path), path.parent)
