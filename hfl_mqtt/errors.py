@@ -19,15 +19,33 @@ Every exception the project raises on purpose is an ``HflError``::
     ├── BrokerError            a private Mosquitto broker (hfl_mqtt.brokers) failed to start or run
     ├── FlowerParentError      the Flower server above an aggregator failed, went away or sent junk
     └── TransportError         the MQTT link failed (the client library's errors, translated once)
+        ├── AuthenticationError    the broker refused us for good: credentials, authorization, TLS
+        ├── PublishRefusedError    the broker refused a publish (MQTT 5 PUBACK reason, e.g. 135)
         └── PublishTimeoutError    a publish was not acknowledged in time
 
 ``DecodeError`` is kept apart from everything else: it is the only exception a decoder lets
 escape, whatever bytes it is given, and it always names the offending field.
+
+Outside the tree, on purpose (catching ``HflError`` does not catch them):
+
+- misuse of the API, which is a bug in the calling code to fix, not a condition to handle:
+  ``TypeError`` for an argument of the wrong kind (a ``task`` that is not a ``Task``),
+  ``ValueError`` for a value that cannot work (a root's config given to ``Worker``), and
+  ``RuntimeError`` for a resource used out of order (a ``Worker`` or a link entered while
+  already entered, ``Worker.run`` outside ``async with`` or twice);
+- ``pydantic.ValidationError`` from building a config model directly in Python
+  (``NodeConfig(...)``); the loaders and ``Worker.connect`` turn it into ``ConfigError``;
+- exceptions raised by user code we call (a ``Task``'s methods, a task factory) pass through
+  unchanged; a factory that returns something other than a ``Task`` gets a ``TaskError``;
+- ``asyncio.CancelledError`` and ``KeyboardInterrupt``, which end a node as they end any task.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "AuthenticationError",
     "BrokerError",
     "ChunkError",
     "CodecSpecError",
@@ -40,6 +58,7 @@ __all__ = [
     "HflError",
     "ModelMismatchError",
     "NonFiniteError",
+    "PublishRefusedError",
     "PublishTimeoutError",
     "SchemaError",
     "SizeLimitError",
@@ -120,6 +139,28 @@ class FlowerParentError(HflError):
 
 class TransportError(HflError):
     """The MQTT link failed: could not connect, lost the broker, or the broker refused."""
+
+
+class AuthenticationError(TransportError):
+    """The broker refused the connection for a reason no retry can fix: bad user name or
+    password, not authorized, banned, or a TLS certificate that failed verification. The link
+    fails at once instead of retrying."""
+
+
+class PublishRefusedError(TransportError):
+    """The broker acknowledged a publish with a failure reason (MQTT 5 PUBACK reason >= 128;
+    135 when its ACL denies the topic): the message was not delivered. ``code`` is the reason."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_publish_refused, (str(self), self.code))
+
+
+def _publish_refused(message: str, code: int) -> PublishRefusedError:
+    return PublishRefusedError(message, code=code)
 
 
 class PublishTimeoutError(TransportError):

@@ -766,6 +766,50 @@ async def test_broker_killed_and_restarted_mid_run_loses_no_update(
     assert events[-1]["accuracy"] >= TARGET_ACCURACY
 
 
+async def test_broker_restarted_without_persistence_loses_no_update_and_waits_no_deadline(
+    start_broker: StartBroker,
+) -> None:
+    """SIGKILL a broker that keeps nothing on disk, mid-run, and restart it: it comes back with
+    no session, no subscription and no retained model. Every node re-subscribes, puts its
+    retained model back and re-sends the delta its parent has not taken, so every update sent
+    is accepted (by update id) and no round waits for its 60 s deadline."""
+    broker = start_broker(BrokerConfig(persistence=False))
+    rounds = 4
+    config = federation("amnesia", rounds=(rounds, 1), fanout=(2, 3), epochs=60, min_fraction=1.0)
+    nodes = config.node_configs({"cloud": address(broker)})
+    events: list[dict[str, Any]] = []
+    first_round = asyncio.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        first_round.set()
+
+    async def crash() -> None:
+        await first_round.wait()
+        await asyncio.sleep(0.05)  # into round 2: the workers are training
+        assert len(events) < rounds, "the run is over: the crash comes too late"
+        await asyncio.to_thread(broker.kill)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(broker.restart)
+
+    started = time.monotonic()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(crash())
+        reports = await run_nodes(nodes, on_event=on_event)
+    assert time.monotonic() - started < config.levels[0].deadline_s
+
+    assert [e["participants"] for e in events] == [2] * rounds
+    parents = {n.node: n.upstream.parent for n in nodes if n.upstream is not None}
+    for node, parent in parents.items():
+        sent = reports[node].sent_ids
+        assert sent, node
+        assert set(sent) <= set(reports[parent].accepted_ids), f"{node}'s update lost"
+    assert sum(r.resent for r in reports.values()) >= 1, "nothing needed re-sending?"
+    for report in reports.values():
+        assert set(report.updates_rejected) <= {"duplicate"}, report.updates_rejected
+    assert events[-1]["accuracy"] >= TARGET_ACCURACY
+
+
 @pytest.mark.slow
 async def test_cloud_broker_crash_behind_bridged_edges_loses_no_update(
     start_broker: StartBroker,

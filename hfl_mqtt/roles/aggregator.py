@@ -118,7 +118,9 @@ class Aggregator(AggregatorBase):
             self._streaming.add(update)
             update = Update(child, self.version, {}, header.num_examples, header.update_id, {})
         self._collecting[child] = update
-        self.report.accept(Arrival(time.monotonic() - self._started, child, 0, 1.0))
+        self.report.accept(
+            Arrival(time.monotonic() - self._started, child, 0, 1.0), header.update_id
+        )
         await self._maybe_close_round()
 
     async def _maybe_close_round(self) -> None:

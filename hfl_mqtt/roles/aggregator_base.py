@@ -13,6 +13,13 @@ based on a parent version ``c`` with model ``M_c``; ``anchor`` is the model at i
 counted twice; what it has not reported is kept. A synchronous parent refuses a report that
 misses its round; its model says which children it took (``participants``), and a report it did
 not take stays in ``x - anchor`` (the anchor moves only once the parent confirms).
+
+A report sent up is kept until the parent's next model. When the parent's current model
+arrives again, the parent has put it back after a reconnect, and the broker may have lost the
+report with its state: it is sent again (the parent drops a duplicate by update id).
+
+A ``stop`` event set from outside (a signal) ends the node between two messages, without
+stopping its children: they wait for it to come back.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from hfl_mqtt.roles.messages import (
     decode_from,
     delta_message,
     model_message,
+    new_update_id,
     parse_ctl,
     parse_status,
     subtract,
@@ -106,14 +114,7 @@ class AggregatorBase(ABC):
         for link in (down, up):
             if link is not None:
                 link.on_reject = self.report.reject_decode
-        self._down_codec = Compressor(config.downstream.codec, seed=config.task.seed + 7)
-        self._up_codec: Compressor | None = None
-        if config.upstream is not None:
-            self._up_codec = Compressor(
-                config.upstream.codec,
-                error_feedback=config.upstream.error_feedback,
-                seed=config.task.seed + 11,
-            )
+        self._down_codec, self._up_codec = _codecs(config)
         self._events: asyncio.Queue[Incoming | Step] = asyncio.Queue(1000)
         self._seen = RecentIds()
         self._offline: set[str] = set()
@@ -133,6 +134,9 @@ class AggregatorBase(ABC):
         """Examples behind ``x - anchor`` (the weight of the next report)."""
         self._updates_unreported = 0
         """Children's updates folded into ``x - anchor``."""
+        self._untaken: tuple[int, str, bytes] | None = None
+        """The last report sent up (parent version, topic, payload), until the parent's next
+        model."""
         self._started = time.monotonic()
         max_seconds = config.downstream.max_seconds
         self._stop_at = self._started + max_seconds if self.is_root and max_seconds else None
@@ -165,13 +169,16 @@ class AggregatorBase(ABC):
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def run(self) -> NodeReport:
-        """Run until the global rounds are done (root) or the parent says stop."""
+    async def run(self, stop: asyncio.Event | None = None) -> NodeReport:
+        """Run until the global rounds are done (root), the parent says stop, or ``stop`` is
+        set (then the children are not stopped)."""
         fed, me = self.config.federation, self.config.node
         async with asyncio.TaskGroup() as tasks:
             pumps = [tasks.create_task(self._pump(self.down), name=f"{me}:down")]
             if self.up is not None and self.up is not self.down:
                 pumps.append(tasks.create_task(self._pump(self.up), name=f"{me}:up"))
+            if stop is not None:
+                pumps.append(tasks.create_task(self._stop_on(stop), name=f"{me}:stop"))
             await self.down.subscribe(up_filter(fed, me))
             for child in self.children:
                 await self.down.subscribe(status_topic(fed, child))
@@ -190,6 +197,15 @@ class AggregatorBase(ABC):
     async def _pump(self, link: LinkBase) -> None:
         while True:
             await self._events.put(await link.receive())
+
+    async def _stop_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+        async def leave() -> None:
+            self._log.info("stopping: asked to from outside (the children go on)")
+            self._finished = True
+
+        await self.post(leave)
 
     async def _loop(self) -> None:
         if self.is_root:
@@ -345,6 +361,7 @@ class AggregatorBase(ABC):
                 federation=self.config.federation,
             )
             if self._seen.seen(envelope.header.update_id):
+                await self._resend_untaken(envelope.header.version)
                 return
             if self.parent_version is not None and envelope.header.version <= self.parent_version:
                 self.report.reject(
@@ -355,6 +372,7 @@ class AggregatorBase(ABC):
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return
+        self._untaken = None  # the parent has moved on: it took our report, or never will
         if self.spec is None:
             self.spec = ModelSpec.from_arrays(model)
         self.parent_async = envelope.header.metrics.get("async") is True
@@ -407,6 +425,7 @@ class AggregatorBase(ABC):
         if loss is not None:
             metrics["loss"] = loss
         examples = min(self._examples_unreported, _MAX_COUNT)
+        update_id = new_update_id()
         payload = delta_message(
             self.config.federation,
             self.config.node,
@@ -415,15 +434,27 @@ class AggregatorBase(ABC):
             examples,
             self._up_codec,
             metrics,
+            update_id=update_id,
         )
-        parent = self.config.upstream.parent
-        await self.up.publish(up_topic(self.config.federation, parent, self.config.node), payload)
+        topic = up_topic(self.config.federation, self.config.upstream.parent, self.config.node)
+        self._untaken = (self.parent_version, topic, payload)
+        self.report.sent_ids.append(update_id)
+        await self.up.publish(topic, payload)
         sent = {k: v.copy() for k, v in self.model.items()}
         if self.parent_async:
             self._anchor = sent
             self._examples_unreported = self._updates_unreported = 0
         else:
             self._sent = (sent, self._examples_unreported, self._updates_unreported)
+
+    async def _resend_untaken(self, version: int) -> None:
+        """The parent's model ``version`` came again: if our last report is against it, send
+        the report again (the parent reconnected; the broker may have lost it)."""
+        if self._untaken is not None and self._untaken[0] == version and self.up is not None:
+            _, topic, payload = self._untaken
+            self.report.resent += 1
+            self._log.info("the parent's model came again: re-sending our report", version=version)
+            await self.up.publish(topic, payload)
 
     # --- the root -------------------------------------------------------------------------------
 
@@ -483,6 +514,20 @@ def mean_metric(updates: list[Update], name: str) -> float | None:
         max(u.num_examples, 1) for u in updates if isinstance(u.metrics.get(name), int | float)
     ]
     return float(np.average(values, weights=weights))
+
+
+def _codecs(config: NodeConfig) -> tuple[Compressor, Compressor | None]:
+    """The compressors of an aggregator's model (down) and of its reports (up, if any)."""
+    assert config.downstream is not None
+    down = Compressor(config.downstream.codec, seed=config.task.seed + 7)
+    if config.upstream is None:
+        return down, None
+    up = Compressor(
+        config.upstream.codec,
+        error_feedback=config.upstream.error_feedback,
+        seed=config.task.seed + 11,
+    )
+    return down, up
 
 
 def _is_count(value: object) -> bool:

@@ -125,12 +125,12 @@ class AsyncAggregator(AggregatorBase):
             weight = self.fedasync.weight(staleness)
             self.model = self.fedasync.step(self.model, base, delta, staleness)
             self._folded_now([update])
-            self.report.accept(Arrival(seconds, child, staleness, weight))
+            self.report.accept(Arrival(seconds, child, staleness, weight), update.update_id)
             await self._stepped(1)
             return
         assert self.fedbuff is not None
         weight = self.fedbuff.add(update, staleness)
-        self.report.accept(Arrival(seconds, child, staleness, weight))
+        self.report.accept(Arrival(seconds, child, staleness, weight), update.update_id)
         self._buffered.append(_without_tensors(update))
         if self.fedbuff.full:
             self.model = self.fedbuff.step(self.model)

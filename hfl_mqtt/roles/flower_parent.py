@@ -167,9 +167,9 @@ class SubtreeAggregator(Aggregator):
 
         await self.post(step)
 
-    async def run(self) -> NodeReport:
+    async def run(self, stop: asyncio.Event | None = None) -> NodeReport:
         try:
-            report = await super().run()
+            report = await super().run(stop)
         finally:
             self._ended = True
             if self._pending is not None and not self._pending.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections import deque
 from collections.abc import Mapping
 
@@ -24,6 +25,7 @@ __all__ = [
     "decode_from",
     "delta_message",
     "model_message",
+    "new_update_id",
     "parse_ctl",
     "parse_status",
     "status_payload",
@@ -31,6 +33,11 @@ __all__ = [
 ]
 
 STOP = json.dumps({"cmd": "stop"}).encode()
+
+
+def new_update_id() -> str:
+    """A fresh, unique update id (as ``Header`` makes by default)."""
+    return uuid.uuid4().hex
 
 
 def model_message(
@@ -59,7 +66,10 @@ def delta_message(
     num_examples: int,
     compressor: Compressor,
     metrics: Mapping[str, float | int | str | bool] | None = None,
+    *,
+    update_id: str | None = None,
 ) -> bytes:
+    """A delta against ``base_version``; ``update_id`` names it (default: a fresh one)."""
     header = Header(
         federation=federation,
         sender=sender,
@@ -68,6 +78,7 @@ def delta_message(
         base_version=base_version,
         num_examples=num_examples,
         metrics=dict(metrics or {}),
+        update_id=update_id or new_update_id(),
     )
     return encode_message(header, delta, compressor)
 

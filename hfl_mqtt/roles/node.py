@@ -11,20 +11,22 @@ aggregator with a ``flower_parent`` instead of an upstream link serves a Flower 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from hfl_mqtt.aggregation.base import RoundStrategy
 from hfl_mqtt.aggregation.flower_strategy import FlowerStrategy
-from hfl_mqtt.config import BrokerAddress, NodeConfig
+from hfl_mqtt.config import NEEDS_PARTITION, BrokerAddress, NodeConfig
+from hfl_mqtt.errors import ConfigError
 from hfl_mqtt.roles.aggregator import Aggregator, EventCallback
 from hfl_mqtt.roles.async_aggregator import AsyncAggregator
 from hfl_mqtt.roles.flower_parent import run_under_flower_server
 from hfl_mqtt.roles.messages import status_payload
 from hfl_mqtt.roles.report import NodeReport
 from hfl_mqtt.roles.worker import Worker
-from hfl_mqtt.tasks.base import load_task
+from hfl_mqtt.tasks.base import Task, load_task
 from hfl_mqtt.topics import status_topic
 from hfl_mqtt.transport.base import LinkBase
 from hfl_mqtt.transport.mqtt import MqttLink
@@ -35,7 +37,10 @@ LinkFactory = Callable[[BrokerAddress, str, str | None], LinkBase]
 """Makes a link from a broker address, a client id and the status topic it owns (or None)."""
 
 
-def mqtt_link_factory(chunk_size: int) -> LinkFactory:
+def mqtt_link_factory(chunk_size: int, *, connect_timeout: float = 20.0) -> LinkFactory:
+    """Makes ``MqttLink``s; each fails with ``TransportError`` if it cannot connect within
+    ``connect_timeout`` seconds."""
+
     def make(broker: BrokerAddress, client_id: str, status: str | None) -> LinkBase:
         return MqttLink(
             broker.host,
@@ -45,7 +50,11 @@ def mqtt_link_factory(chunk_size: int) -> LinkFactory:
             online_payload=status_payload("online"),
             offline_payload=status_payload("offline"),
             chunk_size=chunk_size,
+            connect_timeout=connect_timeout,
             protocol=broker.protocol,
+            tls=broker.tls,
+            username=broker.username,
+            password=broker.password(),
         )
 
     return make
@@ -56,11 +65,20 @@ async def run_node(
     *,
     links: LinkFactory | None = None,
     on_event: EventCallback | None = None,
+    task: Task | None = None,
+    stop: asyncio.Event | None = None,
 ) -> NodeReport:
-    """Connect, serve in the node's role until told to stop (or done, at the root)."""
+    """Connect, serve in the node's role until told to stop (or done, at the root).
+
+    ``task``: a worker's (or the root's) training task, instead of building it from
+    ``config.task``. ``stop``: set it to end the node cleanly from outside (a signal): a
+    delta being sent is sent, the status goes offline, and the children are not stopped.
+    """
     make = links or mqtt_link_factory(config.chunk_size)
     status = status_topic(config.federation, config.node)
     strategy = round_strategy(config)  # before connecting: a bad one fails at once
+    if config.role == "worker" and task is None and config.partition is None:
+        raise ConfigError(f"node {config.node}: {NEEDS_PARTITION} (or a ready task)")
     async with contextlib.AsyncExitStack() as stack:
         up = down = None
         if config.upstream is not None:
@@ -79,12 +97,12 @@ async def run_node(
                 down = await _enter(stack, make(config.downstream.broker, client_id, down_status))
         if down is None:
             assert up is not None
-            assert config.partition is not None
-            task = load_task(config.task, config.partition, config.num_partitions)
-            return await Worker(config, up, task).run()
+            if task is None:
+                task = load_task(config.task, config.partition, config.num_partitions)
+            return await Worker(config, up, task).run(stop)
         evaluator = None
         if up is None:
-            evaluator = load_task(config.task, None, config.num_partitions)
+            evaluator = task or load_task(config.task, None, config.num_partitions)
         if config.flower_parent is not None:  # a Flower server above: it drives the cycles
             assert evaluator is not None
             return await run_under_flower_server(
@@ -94,10 +112,10 @@ async def run_node(
         if is_async:
             return await AsyncAggregator(
                 config, down, up, evaluator=evaluator, on_event=on_event
-            ).run()
+            ).run(stop)
         return await Aggregator(
             config, down, up, evaluator=evaluator, strategy=strategy, on_event=on_event
-        ).run()
+        ).run(stop)
     raise AssertionError("unreachable")
 
 

@@ -65,11 +65,18 @@ class NodeReport:
     down: LinkStats | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     arrivals: list[Arrival] = field(default_factory=list)
+    sent_ids: list[str] = field(default_factory=list)
+    """Update ids of the deltas this node sent up (each once, however often re-sent)."""
+    accepted_ids: list[str] = field(default_factory=list)
+    """Update ids of the children's updates this node accepted."""
+    resent: int = 0
+    """Deltas sent again after a reconnect, in case the broker had lost them."""
 
-    def accept(self, arrival: Arrival) -> None:
+    def accept(self, arrival: Arrival, update_id: str) -> None:
         """Count an accepted update and keep its staleness for the telemetry."""
         self.updates_accepted += 1
         self.arrivals.append(arrival)
+        self.accepted_ids.append(update_id)
 
     def reject_decode(self, topic: str, exc: DecodeError) -> None:
         """Count a message that failed to decode (also what a link's reassembler refused)."""
@@ -120,6 +127,9 @@ class NodeReport:
             "arrivals": [
                 [round(a.seconds, 4), a.sender, a.staleness, a.weight] for a in self.arrivals
             ],
+            "sent_ids": self.sent_ids,
+            "accepted_ids": self.accepted_ids,
+            "resent": self.resent,
             "up": link(self.up),
             "down": link(self.down),
         }

@@ -8,6 +8,13 @@ parent (its models say ``async``) takes late results, weighted by their stalenes
 sends what it trained and then trains from the newest model, skipping the ones in between; if
 no newer one has come, it trains again on the one it has (like a FedBuff client, it never idles).
 
+The last delta sent is kept until the parent publishes a newer model (which took it, or moved
+on). When the parent's current model arrives again, the parent has put it back after a
+reconnect (its subscriptions are in place again), and the broker may have lost our delta with
+its state: the worker sends it again (the parent drops a duplicate by its update id).
+A ``stop`` event set from outside (a signal) ends the worker at the next message boundary: a
+delta being sent is sent first.
+
 A worker with a ``device`` (``NodeConfig.device``) plays a slower board: each training run
 takes at least ``slowdown * (training seconds + compute_s)``, its link to the parent adds
 latency and a bandwidth cap both ways (``hfl_mqtt.transport.shaping``), and after a run it may
@@ -34,6 +41,7 @@ from hfl_mqtt.roles.messages import (
     RecentIds,
     decode_from,
     delta_message,
+    new_update_id,
     parse_ctl,
     status_payload,
     subtract,
@@ -47,6 +55,9 @@ from hfl_mqtt.transport.shaping import LinkShaper, ShapedLink
 __all__ = ["Worker"]
 
 log = structlog.get_logger("hfl_mqtt.roles")
+
+_STOPPED = Incoming("", b"")
+"""What ``Worker._receive`` returns once the stop event is set."""
 
 
 class _Channel(Protocol):
@@ -81,6 +92,9 @@ class Worker:
         self._pending: deque[Incoming] = deque()
         self._keep_training_on: tuple[Envelope, Model] | None = None
         """The newest model of an asynchronous parent: trained on again while no newer comes."""
+        self._untaken: tuple[int, str, bytes] | None = None
+        """The last delta sent (base version, topic, payload) until the parent moves on."""
+        self._stop: asyncio.Event | None = None
         self._log = log.bind(node=config.node, role="worker")
         self.device = config.device
         # The worker's own draws (dropouts): the same device seed, the same sequence.
@@ -93,8 +107,9 @@ class Worker:
             if shaper.shapes:
                 self._link = ShapedLink(up, shaper)
 
-    async def run(self) -> NodeReport:
-        """Serve until the parent says stop."""
+    async def run(self, stop: asyncio.Event | None = None) -> NodeReport:
+        """Serve until the parent says stop, or ``stop`` is set."""
+        self._stop = stop
         async with contextlib.AsyncExitStack() as stack:
             if isinstance(self._link, ShapedLink):
                 await stack.enter_async_context(self._link)
@@ -114,7 +129,7 @@ class Worker:
                 # newest model there is (a FedBuff or FedAsync client's loop).
                 await self._train_and_send(*self._keep_training_on)
             else:
-                message = message or await self._link.receive()
+                message = message or await self._receive()
                 kind = self._kind(message)
                 if kind == "stop":
                     self._log.info("stopping on request")
@@ -127,6 +142,8 @@ class Worker:
     def _kind(self, message: Incoming) -> Literal["stop", "model"] | None:
         """A stop on our control topic, a model from our parent, or something to ignore."""
         topic = parse_topic(message.topic)
+        if message is _STOPPED:
+            return "stop"
         if topic is None or topic.federation != self.config.federation:
             return None
         if topic.kind == "ctl" and topic.node == self.config.node:
@@ -142,11 +159,13 @@ class Worker:
                 message.payload, kind="model", sender=self.parent, federation=self.config.federation
             )
             if self._seen.seen(envelope.header.update_id):
+                await self._resend_untaken(envelope.header.version)
                 return False
             model = envelope.arrays(expect=self._spec)
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return False
+        self._untaken = None  # the parent has moved on: it took our delta, or never will
         asynchronous = envelope.header.metrics.get("async") is True
         self._keep_training_on = (envelope, model) if asynchronous else None
         await self._train_and_send(envelope, model)
@@ -169,6 +188,7 @@ class Worker:
         }
         metrics["tree_bytes"] = self.report.bytes_sent
         metrics["tree_messages"] = self.report.messages_sent
+        update_id = new_update_id()
         payload = delta_message(
             self.config.federation,
             self.config.node,
@@ -177,10 +197,12 @@ class Worker:
             result.num_examples,
             self._compressor,
             metrics,
+            update_id=update_id,
         )
-        await self._link.publish(
-            up_topic(self.config.federation, self.parent, self.config.node), payload
-        )
+        topic = up_topic(self.config.federation, self.parent, self.config.node)
+        self._untaken = (version, topic, payload)
+        self.report.sent_ids.append(update_id)
+        await self._link.publish(topic, payload)
         log_round.debug("delta sent", bytes=len(payload), examples=result.num_examples)
 
     async def _take_device_time(self, seconds: float) -> None:
@@ -216,7 +238,7 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 while True:
-                    message = set_aside.popleft() if set_aside else await self._link.receive()
+                    message = set_aside.popleft() if set_aside else await self._receive()
                     kind = self._kind(message)
                     if kind == "stop":
                         self._log.info("stopping on request while offline")
@@ -228,6 +250,33 @@ class Worker:
         if latest_model is not None:
             self._pending.append(latest_model)
         return False
+
+    async def _receive(self) -> Incoming:
+        """The next message from the link, or ``_STOPPED`` once the stop event is set."""
+        if self._stop is None:
+            return await self._link.receive()
+        if self._stop.is_set():
+            return _STOPPED
+        receiving = asyncio.ensure_future(self._link.receive())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not receiving.done():
+                receiving.cancel()
+        if receiving.done() and not receiving.cancelled():
+            return receiving.result()
+        return _STOPPED
+
+    async def _resend_untaken(self, version: int) -> None:
+        """The parent's model ``version`` came again: if our last delta is against it, send
+        the delta again (the parent reconnected; the broker may have lost it)."""
+        if self._untaken is not None and self._untaken[0] == version:
+            _, topic, payload = self._untaken
+            self.report.resent += 1
+            self._log.info("the parent's model came again: re-sending our delta", version=version)
+            await self._link.publish(topic, payload)
 
     def _train(self, model: Model, version: int) -> tuple[Model, TrainResult]:
         self.task.set_weights(model)

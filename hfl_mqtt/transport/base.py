@@ -5,6 +5,14 @@ split (``hfl_mqtt.codec.chunking``); a retained one is retained chunk by chunk o
 (``topic/chunk/{i}``) so that a late subscriber still gets every piece. Received chunks are
 reassembled with bounded memory before delivery, and chunks that cannot belong anywhere are
 dropped and counted, never raised into the node.
+
+The lifecycle lives here too: a link is an async context manager, entered once; subclasses
+provide ``_open`` and ``_close``. A link whose background work dies calls ``_fail``: every
+caller waiting in ``receive`` (and every later call) gets that error instead of waiting forever.
+The link remembers the last retained message of each topic it published, so that after a
+reconnect a subclass can put back what a broker that lost its state no longer has
+(``_restore``). Receivers take a model they have already seen as a sign that its sender came
+back, and re-send what it may have lost (``roles/worker.py``).
 """
 
 from __future__ import annotations
@@ -12,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import structlog
 
 from hfl_mqtt.codec.chunking import DEFAULT_CHUNK_SIZE, Reassembler, is_chunk, split_message
-from hfl_mqtt.errors import DecodeError
+from hfl_mqtt.errors import DecodeError, HflError, TransportError
 from hfl_mqtt.topics import chunk_topic
 
 __all__ = ["Incoming", "LinkBase", "LinkStats"]
@@ -27,6 +37,8 @@ log = structlog.get_logger("hfl_mqtt.transport")
 
 _CHUNK_SUFFIX = re.compile(r"/chunk/[0-9]+$")
 """Where a retained chunk lives: ``{topic}/chunk/{i}`` (a node may be named ``chunk``)."""
+
+T = TypeVar("T")
 
 MAX_TRANSFERS = 1024
 """Chunked messages a link reassembles at once. A parent's link takes one from every child at
@@ -52,6 +64,9 @@ class LinkStats:
     messages_received: int = 0
     bytes_received: int = 0
     chunks_rejected: int = 0
+    publishes_refused: int = 0
+    """Publishes the broker refused (MQTT 5 PUBACK reason >= 128, e.g. 135 not authorized)."""
+    reconnects: int = 0
     by_topic_kind: dict[str, list[int]] = field(default_factory=dict)
 
     def count_sent(self, kind: str, size: int) -> None:
@@ -93,8 +108,88 @@ class LinkBase(ABC):
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
         self._reassembler = Reassembler(max_transfers=max_transfers)
         self._retained_chunks: dict[str, int] = {}
+        self._retained: dict[str, bytes] = {}
+        """The last retained message this link published on each topic (put back by
+        ``_restore`` after a reconnect: a broker restarted without persistence has lost it)."""
+        self._entered = False
+        self._failure: asyncio.Future[None] | None = None
         self.on_reject: Callable[[str, DecodeError], None] | None = None
         """Told of every chunk the reassembler refuses (the node counts it as a rejection)."""
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError(f"{type(self).__name__} is already open: enter it only once")
+        self._entered = True
+        self._failure = asyncio.get_running_loop().create_future()
+        try:
+            await self._open()
+        except BaseException:
+            self._entered = False
+            self._failure = None
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._close()
+        finally:
+            self._entered = False
+            if self._failure is not None and not self._failure.done():
+                self._failure.cancel()
+            self._failure = None
+
+    @abstractmethod
+    async def _open(self) -> None:
+        """Connect (the caller waits until the link is usable or has failed)."""
+
+    @abstractmethod
+    async def _close(self) -> None:
+        """Say goodbye (offline status) and disconnect."""
+
+    def _fail(self, error: HflError) -> None:
+        """The link cannot go on: ``error`` reaches every caller of ``receive`` and ``publish``."""
+        if self._failure is not None and not self._failure.done():
+            self._failure.set_exception(error)
+            self._failure.exception()  # retrieved here: callers re-raise it, none must
+
+    def _check_open(self) -> None:
+        """Raise the link's failure, or ``TransportError`` if it is not open."""
+        if self._failure is None:
+            raise TransportError(f"{type(self).__name__} is not open: use it as `async with`")
+        if self._failure.done() and not self._failure.cancelled():
+            raise self._failure.exception()  # type: ignore[misc]
+
+    async def _or_failure(self, waiting: Awaitable[T]) -> T:
+        """Await ``waiting`` unless the link fails first (then raise its error)."""
+        self._check_open()
+        assert self._failure is not None
+        task = asyncio.ensure_future(waiting)
+        failure: asyncio.Future[Any] = self._failure
+        try:
+            await asyncio.wait({task, failure}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        self._check_open()
+        raise AssertionError("unreachable")
+
+    async def _restore(self) -> None:
+        """After a reconnect (the subscriptions back in place): publish again the retained
+        messages this link owns. Receivers drop what they have seen by its update id."""
+        for topic, payload in list(self._retained.items()):
+            await self._publish_retained(topic, split_message(payload, self.chunk_size))
+
+    # --- messages -------------------------------------------------------------------------------
 
     @abstractmethod
     async def _send(self, topic: str, payload: bytes, retain: bool) -> None:
@@ -106,9 +201,11 @@ class LinkBase(ABC):
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish a whole message at QoS 1, chunked if larger than the chunk size."""
+        self._check_open()
         parts = split_message(payload, self.chunk_size)
         kind = _topic_kind(topic)
         if retain:
+            self._retained[topic] = payload
             await self._publish_retained(topic, parts)
         else:
             for part in parts:
@@ -131,19 +228,26 @@ class LinkBase(ABC):
 
     async def subscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None:
         """Subscribe; with ``chunked_retained`` also to the chunk sub-topics of retained topics."""
+        self._check_open()
         await self._subscribe(topic_filter)
         if chunked_retained:
             await self._subscribe(f"{topic_filter}/chunk/+")
 
     async def receive(self) -> Incoming:
-        """The next whole message."""
-        return await self._inbox.get()
+        """The next whole message (the link's error if it fails meanwhile)."""
+        message = self.receive_nowait()
+        if message is not None:
+            return message
+        return await self._or_failure(self._inbox.get())
 
     def receive_nowait(self) -> Incoming | None:
-        """The next whole message if one is waiting, else None."""
+        """The next whole message if one is waiting, else None (the link's error if it failed;
+        what arrived before the link was closed can still be read)."""
         try:
             return self._inbox.get_nowait()
         except asyncio.QueueEmpty:
+            if self._failure is not None and self._failure.done():
+                self._check_open()
             return None
 
     async def _arrived(self, topic: str, payload: bytes, retain: bool) -> None:

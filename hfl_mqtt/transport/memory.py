@@ -6,8 +6,6 @@ the link is killed; integration tests use a real Mosquitto instead.
 
 from __future__ import annotations
 
-from types import TracebackType
-
 from paho.mqtt.client import topic_matches_sub
 
 from hfl_mqtt.codec.chunking import DEFAULT_CHUNK_SIZE
@@ -62,42 +60,36 @@ class MemoryLink(LinkBase):
         self._status_topic = status_topic
         self.online_payload = online_payload
         self._offline_payload = offline_payload
-        self._open = False
+        self._is_open = False
 
     @property
     def connected(self) -> bool:
-        return self._open
+        return self._is_open
 
-    async def __aenter__(self) -> MemoryLink:
+    async def _open(self) -> None:
         self.broker.links.append(self)
-        self._open = True
+        self._is_open = True
         if self._status_topic is not None:
             await self._send(self._status_topic, self.online_payload, True)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._open and self._status_topic is not None:
+    async def _close(self) -> None:
+        if self._is_open and self._status_topic is not None:
             await self._send(self._status_topic, self._offline_payload, True)
-        self._close()
+        self._drop()
 
     async def kill(self) -> None:
         """Vanish without a goodbye: the broker publishes the Last Will."""
-        self._close()
+        self._drop()
         if self._status_topic is not None:
             await self.broker.publish(self._status_topic, self._offline_payload, True)
 
-    def _close(self) -> None:
-        self._open = False
+    def _drop(self) -> None:
+        self._is_open = False
         if self in self.broker.links:
             self.broker.links.remove(self)
 
     async def _send(self, topic: str, payload: bytes, retain: bool) -> None:
-        if not self._open:
+        if not self._is_open:
             raise TransportError(f"link {self.client_id} is closed")
         await self.broker.publish(topic, payload, retain)
 
