@@ -166,11 +166,11 @@ class LinkBase(ABC):
         if self._failure.done() and not self._failure.cancelled():
             raise self._failure.exception()  # type: ignore[misc]
 
-    async def _or_failure(self, waiting: Awaitable[T]) -> T:
-        """Await ``waiting`` unless the link fails first (then raise its error)."""
+    async def _or_failure(self, waiting: Callable[[], Awaitable[T]]) -> T:
+        """Await ``waiting()`` unless the link fails first (then raise its error)."""
         self._check_open()
         assert self._failure is not None
-        task = asyncio.ensure_future(waiting)
+        task = asyncio.ensure_future(waiting())
         failure: asyncio.Future[Any] = self._failure
         try:
             await asyncio.wait({task, failure}, return_when=asyncio.FIRST_COMPLETED)
@@ -238,7 +238,7 @@ class LinkBase(ABC):
         message = self.receive_nowait()
         if message is not None:
             return message
-        return await self._or_failure(self._inbox.get())
+        return await self._or_failure(self._inbox.get)
 
     def receive_nowait(self) -> Incoming | None:
         """The next whole message if one is waiting, else None (the link's error if it failed;

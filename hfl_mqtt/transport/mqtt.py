@@ -283,7 +283,7 @@ class MqttLink(LinkBase):
         # arrives just as the connection is made, and the caller would carry on.
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self._or_failure(self._connected.wait())
+                await self._or_failure(self._connected.wait)
         except TimeoutError:
             await self._stop_runner()
             raise TransportError(
@@ -330,9 +330,11 @@ class MqttLink(LinkBase):
             self._connected.clear()
 
     async def _keep_connected(self) -> None:
-        client = self._new_client()
         backoff = 0.1
         while True:
+            # A new client for every connection: aiomqtt 2 re-entered after a lost connection
+            # counts itself connected before the broker has answered (and ignores a refusal).
+            client = self._new_client()
             try:
                 async with client:
                     self._client = client
@@ -441,7 +443,7 @@ class MqttLink(LinkBase):
         while True:
             if self._closing:
                 raise TransportError(f"link {self.client_id} is closed")
-            await self._or_failure(self._connected.wait())
+            await self._or_failure(self._connected.wait)
             client = self._client
             assert client is not None
             try:
@@ -477,7 +479,7 @@ class MqttLink(LinkBase):
     async def _subscribe(self, topic_filter: str) -> None:
         self._subscriptions.append(topic_filter)
         while True:
-            await self._or_failure(self._connected.wait())
+            await self._or_failure(self._connected.wait)
             client, generation = self._client, self._generation
             assert client is not None
             try:
