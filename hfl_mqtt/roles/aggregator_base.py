@@ -137,7 +137,7 @@ class AggregatorBase(ABC):
         self._untaken: tuple[int, str, bytes] | None = None
         """The last report sent up (parent version, topic, payload), until the parent's next
         model."""
-        self._started = time.monotonic()
+        self._started = self.report.started
         max_seconds = config.downstream.max_seconds
         self._stop_at = self._started + max_seconds if self.is_root and max_seconds else None
         self._finished = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,8 @@ class NodeReport:
     """Update ids of the children's updates this node accepted."""
     resent: int = 0
     """Deltas sent again after a reconnect, in case the broker had lost them."""
+    started: float = field(default_factory=time.monotonic)
+    """When the node started (``time.monotonic``): ``Arrival.seconds`` count from here."""
 
     def accept(self, arrival: Arrival, update_id: str) -> None:
         """Count an accepted update and keep its staleness for the telemetry."""
