@@ -396,8 +396,23 @@ class HeterogeneityConfig(_Frozen):
         return devices
 
 
+NEEDS_PARTITION = "a worker (no downstream) needs its data partition"
+
+_BUILDS_TASK = "builds_task"
+"""Validation context: the node's task will be built from its ``task`` settings (a node's file,
+``load_node``), so a worker must say which data partition it trains on."""
+
+
+def _builds_task(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get(_BUILDS_TASK))
+
+
 class NodeConfig(_Frozen):
-    """Everything one node process needs (``hfl-mqtt run --config NODE.yaml``)."""
+    """Everything one node process needs (``hfl-mqtt run --config NODE.yaml``).
+
+    A worker's ``partition`` is required where its task is built from ``task`` (a node's file;
+    ``run_node`` without a ready task): a worker embedded with its own task object needs none.
+    """
 
     federation: Identifier
     node: Identifier
@@ -407,7 +422,8 @@ class NodeConfig(_Frozen):
     """Instead of ``upstream``: a Flower server is the parent of this aggregator."""
     task: TaskConfig = TaskConfig()
     partition: Annotated[int, Field(ge=0)] | None = None
-    """The worker's data partition; None for aggregators (the root evaluates on the test split)."""
+    """The worker's data partition (to build its task from ``task``); None for aggregators (the
+    root evaluates on the test split)."""
     num_partitions: Annotated[int, Field(ge=1)] = 1
     level: Annotated[int, Field(ge=0)] = 0
     """Depth in the tree, 0 at the root (for accounting)."""
@@ -416,7 +432,7 @@ class NodeConfig(_Frozen):
     """A worker's simulated device (slower compute and link, dropouts); None: as it is."""
 
     @model_validator(mode="after")
-    def _has_a_link(self) -> NodeConfig:
+    def _has_a_link(self, info: ValidationInfo) -> NodeConfig:
         if self.flower_parent is not None:
             if self.upstream is not None:
                 raise ValueError("flower_parent and upstream exclude each other: one parent")
@@ -426,8 +442,8 @@ class NodeConfig(_Frozen):
                 raise ValueError("flower_parent works with mode: sync (a fit is a cycle of rounds)")
         if self.upstream is None and self.downstream is None:
             raise ValueError("a node needs an upstream link, a downstream link, or both")
-        if self.downstream is None and self.partition is None:
-            raise ValueError("a worker (no downstream) needs its data partition")
+        if self.downstream is None and self.partition is None and _builds_task(info):
+            raise ValueError(NEEDS_PARTITION)
         if self.device is not None and self.downstream is not None:
             raise ValueError("device applies to workers only (a node without downstream)")
         return self
@@ -581,9 +597,11 @@ def _load_yaml(path: Path) -> Any:
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(model: type[M], data: Any, source: str, base_dir: Path | None = None) -> M:
+def _validate(
+    model: type[M], data: Any, source: str, base_dir: Path | None = None, **context: Any
+) -> M:
     try:
-        return model.model_validate(data, context={_BASE_DIR: base_dir})
+        return model.model_validate(data, context={_BASE_DIR: base_dir, **context})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
@@ -599,6 +617,7 @@ def load_federation(path: str | Path) -> FederationConfig:
 
 
 def load_node(path: str | Path) -> NodeConfig:
-    """Read and check a single node's file (relative file paths in it are relative to it)."""
+    """Read and check a single node's file (relative file paths in it are relative to it).
+    Its task is built from its ``task`` settings: a worker's file names its data partition."""
     path = Path(path)
-    return _validate(NodeConfig, _load_yaml(path), str(path), path.parent)
+    return _validate(NodeConfig, _load_yaml(path), str(path), path.parent, **{_BUILDS_TASK: True})
