@@ -1,6 +1,9 @@
 """The ``hfl-mqtt`` command.
 
 - ``hfl-mqtt run --config NODE.yaml``: one node, one process (the deployment path: a device).
+  ``--config a.yaml --config b.yaml`` (or ``--config nodes/*.yaml``): several nodes in one
+  process, as one lab machine standing in for many devices. SIGTERM or SIGINT stops them
+  cleanly (exit code 0); a second one stops them at once.
 - ``hfl-mqtt sim FEDERATION.yaml --out DIR``: a whole federation on this machine.
 - ``hfl-mqtt demo``: a small 3-level federation on digits, no arguments needed.
 """
@@ -14,9 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-from hfl_mqtt.config import FederationConfig, load_federation, load_node
+from hfl_mqtt.config import FederationConfig, NodeConfig, load_federation, load_node
 from hfl_mqtt.errors import HflError
-from hfl_mqtt.roles.node import run_node
+from hfl_mqtt.runner import NodeOutcome, SignalStop, run_nodes
 from hfl_mqtt.sim import Progress, configure_logging, simulate
 
 __all__ = ["DEMO", "main"]
@@ -45,8 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfl-mqtt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run one node (one process per device)")
-    run.add_argument("--config", required=True, type=Path, help="the node's YAML file")
+    run = commands.add_parser("run", help="run a node (one process per device), or several")
+    run.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        nargs="+",
+        action="extend",
+        help="a node's YAML file; several (repeated, or after one --config) run in one process",
+    )
     sim = commands.add_parser("sim", help="run a whole federation on this machine")
     sim.add_argument("config", type=Path, help="the federation's YAML file")
     sim.add_argument("--out", required=True, type=Path, help="directory for the results")
@@ -77,14 +87,41 @@ def _simulate(config: FederationConfig, out: Path, processes: int | None, verbos
     return 0
 
 
+async def _run_nodes(configs: list[NodeConfig], signals: SignalStop) -> list[NodeOutcome]:
+    with signals:
+        return await run_nodes(configs, stop=signals.stop)
+
+
+def _run(paths: list[Path]) -> int:
+    """Run the nodes until they end; print their reports (one node: its report; several: a
+    list, a failed node as ``{"node", "error"}``). 2 if any failed, 128 + signal if stopped
+    hard by a second signal."""
+    configs = [load_node(path) for path in paths]  # every file checked before anything starts
+    signals = SignalStop(asyncio.Event())
+    try:
+        outcomes = asyncio.run(_run_nodes(configs, signals))
+    except asyncio.CancelledError:
+        if not signals.signals:
+            raise
+        return 128 + signals.signals[-1]
+    if len(outcomes) == 1:
+        if outcomes[0].report is not None:
+            print(json.dumps(outcomes[0].to_dict(), indent=1))
+    else:
+        print(json.dumps([outcome.to_dict() for outcome in outcomes], indent=1))
+    failed = [outcome for outcome in outcomes if outcome.error is not None]
+    for outcome in failed:
+        error = outcome.error
+        print(f"hfl-mqtt: node {outcome.node}: {type(error).__name__}: {error}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(_log_level(args.verbose + (1 if args.command == "run" else 0)))
     try:
         if args.command == "run":
-            report = asyncio.run(run_node(load_node(args.config)))
-            print(json.dumps(report.to_dict(), indent=1))
-            return 0
+            return _run(args.config)
         if args.command == "sim":
             return _simulate(load_federation(args.config), args.out, args.processes, args.verbose)
         return _simulate(DEMO, args.out, None, args.verbose)
