@@ -99,8 +99,8 @@ class Worker:
         """A worker ``node`` under ``parent`` in ``federation``, through ``broker``; connects
         when entered (``async with``).
 
-        ``codec``: how deltas travel up (a codec spec: ``q8``, ``fp16+topk:0.1``, ...), with
-        ``error_feedback`` to carry what a lossy codec dropped into the next delta. ``train``:
+        ``codec``: how deltas travel up (a codec spec: ``q8``, ``topk0.01+q8+zstd``, ...),
+        with ``error_feedback`` to carry what a lossy codec dropped into the next delta. ``train``:
         the settings every ``task.train`` call gets (default ``TrainConfig()``). ``chunk_size``:
         the largest MQTT message sent; bigger ones are chunked. ``level``: the worker's depth in
         the tree (1 under the root), for its report. ``ConfigError`` if a setting is invalid.
@@ -155,7 +155,7 @@ class Worker:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack, self._role = self._stack, None, None
-        self._stop.set()  # a run() still going in another task ends rather than fails
+        self._stop.set()  # tell a run() still going in another task to end
         try:
             if stack is not None:
                 await stack.__aexit__(exc_type, exc, tb)
