@@ -2,8 +2,9 @@
 
 A federation needs a broker per site (or one shared); tests need many short-lived ones that never
 touch a system Mosquitto. ``BrokerConfig`` describes one broker (optionally bridged to a parent
-broker), ``render_config`` turns it into mosquitto.conf text, and ``MosquittoBroker`` runs it on a
-free loopback port in a private work directory::
+broker), ``render_config`` turns it into mosquitto.conf text (both live in
+``hfl_mqtt.mosquitto_conf`` and are re-exported here), and ``MosquittoBroker`` runs it on a free
+loopback port in a private work directory::
 
     async with MosquittoBroker(BrokerConfig()) as broker:
         async with aiomqtt.Client(broker.host, broker.port) as client:
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -27,13 +27,20 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Literal, Self
+from typing import Self
 
 import aiomqtt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hfl_mqtt import topics
 from hfl_mqtt.errors import BrokerError
+from hfl_mqtt.mosquitto_conf import (
+    BridgeConfig,
+    BridgeTopic,
+    BrokerConfig,
+    edge_bridge_topics,
+    example_files,
+    render_acl,
+    render_config,
+)
 
 __all__ = [
     "BridgeConfig",
@@ -49,17 +56,7 @@ __all__ = [
     "render_config",
 ]
 
-MiB = 1 << 20
-GiB = 1 << 30
-# Mosquitto sends max_packet_size to MQTT 5 clients in CONNACK, and paho-mqtt 2.2 drops a CONNACK
-# whose Maximum Packet Size exceeds 268435455 as malformed (the connect then times out): 256 MiB
-# itself is one byte too many.
-_MAX_PACKET_SIZE = 256 * MiB - 1
 _LOG_TAIL_LINES = 30
-# A token of mosquitto.conf: the parser splits on spaces and has no quoting.
-_Token = Annotated[str, Field(min_length=1, pattern=r"^[^\s\"]+$")]
-_Name = Annotated[str, Field(min_length=1, pattern=r"^[^\s/+#$\"]+$")]
-_Port = Annotated[int, Field(ge=0, le=65535)]
 _SYS_TOPICS = (
     "bytes/received",
     "bytes/sent",
@@ -71,292 +68,6 @@ _SYS_TOPICS = (
     "publish/messages/sent",
     "publish/messages/dropped",
 )
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class BridgeTopic(_Frozen):
-    """One ``topic PATTERN DIRECTION QOS`` line of a bridge: what crosses it, which way."""
-
-    pattern: _Token
-    direction: Literal["in", "out", "both"] = "out"
-    qos: Literal[0, 1, 2] = 1
-
-
-class BridgeConfig(_Frozen):
-    """A bridge from this broker to a parent broker (an edge site to the cloud).
-
-    ``name`` is the connection name and, unless ``remote_clientid`` says otherwise, the client id
-    the bridge uses on the remote broker: name it after the edge node so the remote ACL's ``%c``
-    patterns pin the bridge to that node's topics.
-    """
-
-    name: _Name
-    address: _Token
-    port: _Port = 1883
-    topics: tuple[BridgeTopic, ...] = Field(min_length=1)
-    remote_clientid: _Token | None = None
-    local_clientid: _Token | None = None
-    protocol_version: Literal["mqttv50", "mqttv311", "mqttv31"] = "mqttv50"
-    cleansession: bool = False
-    attempt_unsubscribe: bool = True
-    keepalive_interval: int = Field(default=10, ge=5)
-    restart_timeout_base: int = Field(default=1, ge=1)
-    restart_timeout_cap: int = Field(default=10, ge=1)
-
-    @property
-    def remote_id(self) -> str:
-        """Client id of the bridge on the remote broker (and in its notification topic)."""
-        return self.remote_clientid or self.name
-
-    @property
-    def state_topic(self) -> str:
-        """Retained ``1``/``0`` the bridge publishes locally when it connects/disconnects."""
-        return f"$SYS/broker/connection/{self.remote_id}/state"
-
-
-class BrokerConfig(_Frozen):
-    """One Mosquitto broker. ``port=0`` picks a free port when ``MosquittoBroker`` starts it."""
-
-    host: _Token = "127.0.0.1"
-    port: _Port = 0
-    persistence: bool = True
-    persistence_dir: Path | None = None
-    autosave_interval: int = Field(default=10, ge=0)
-    autosave_on_changes: bool = False
-    max_packet_size: int = Field(default=_MAX_PACKET_SIZE, ge=20, le=_MAX_PACKET_SIZE)
-    max_queued_messages: int = Field(default=100_000, ge=0)
-    max_queued_bytes: int = Field(default=1 * GiB, ge=0)
-    persistent_client_expiration: str | None = "1h"
-    sys_interval: int = Field(default=1, ge=0)
-    allow_anonymous: bool = True
-    acl_file: Path | None = None
-    user: _Token | None = None
-    bridge: BridgeConfig | None = None
-
-    @field_validator("persistent_client_expiration")
-    @classmethod
-    def _check_expiration(cls, value: str | None) -> str | None:
-        # 2.0.11 knows h, d, w, m (month!) and y only: "60s" or "30min" stop the broker.
-        if value is not None and not re.fullmatch(r"[1-9][0-9]*[hdwmy]", value):
-            msg = f"{value!r}: want an integer and one of h d w m y (m is months), e.g. '1h'"
-            raise ValueError(msg)
-        return value
-
-
-def edge_bridge_topics(federation: str, edge: str, parent: str) -> list[BridgeTopic]:
-    """What a bridged edge broker forwards: edge ``E`` under parent ``P`` in federation ``F``.
-
-    Out: ``E``'s delta to ``P`` and ``E``'s status. In: ``P``'s model (with its retained chunks,
-    ``model/#`` also matches ``model`` itself) and control messages for ``E``. Workers' traffic
-    under ``hfl/F/E/`` stays on the edge broker.
-    """
-    for value, what in ((federation, "federation"), (edge, "edge"), (parent, "parent")):
-        topics.check_id(value, what)
-    return [
-        BridgeTopic(pattern=topics.up_topic(federation, parent, edge), direction="out"),
-        BridgeTopic(pattern=topics.model_topic(federation, parent) + "/#", direction="in"),
-        BridgeTopic(pattern=topics.status_topic(federation, edge), direction="out"),
-        BridgeTopic(pattern=topics.ctl_topic(federation, edge), direction="in"),
-    ]
-
-
-def _bool(value: bool) -> str:
-    return "true" if value else "false"
-
-
-def _commented(text: str) -> list[str]:
-    return [f"# {line}".rstrip() for line in text.strip("\n").splitlines()]
-
-
-def render_config(
-    config: BrokerConfig,
-    *,
-    port: int,
-    persistence_dir: Path | str,
-    log_file: Path | str,
-    header: str = "",
-) -> str:
-    """mosquitto.conf text for ``config``; ``header`` becomes a leading comment block."""
-    lines = [*_commented(header), ""] if header else []
-    lines += [
-        "# Rendered by hfl_mqtt.brokers.render_config from a BrokerConfig.",
-        *(["", f"user {config.user}"] if config.user else []),
-        "",
-        f"listener {port} {config.host}",
-        f"allow_anonymous {_bool(config.allow_anonymous)}",
-        *([f"acl_file {config.acl_file}"] if config.acl_file else []),
-        "",
-        "# Without it a small QoS 1 round trip takes ~40 ms (Nagle's algorithm vs delayed ACKs).",
-        "set_tcp_nodelay true",
-        "# Larger packets (payload + topic + header) make the broker disconnect the sender.",
-        f"max_packet_size {config.max_packet_size}",
-        "# The default queue is 1000 QoS 1/2 messages of any size per client, then silent drops.",
-        f"max_queued_messages {config.max_queued_messages}",
-        f"max_queued_bytes {config.max_queued_bytes}",
-    ]
-    if config.persistent_client_expiration:
-        lines += [
-            "# Caps every session's expiry, MQTT 5 ones included (the smaller wins); without",
-            "# it an MQTT 3.1.1 clean-session-false session never expires. Units: h d w m(onth) y.",
-            f"persistent_client_expiration {config.persistent_client_expiration}",
-        ]
-    lines += [
-        f"sys_interval {config.sys_interval}",
-        "",
-        f"persistence {_bool(config.persistence)}",
-    ]
-    if config.persistence:
-        lines += [
-            f"persistence_location {str(persistence_dir).rstrip('/')}/",
-            "# The database is written only at these saves and on a clean exit: a crash loses",
-            "# what changed since the last save.",
-            f"autosave_interval {config.autosave_interval}",
-            f"autosave_on_changes {_bool(config.autosave_on_changes)}",
-        ]
-    lines += [
-        "",
-        f"log_dest file {log_file}",
-        "# One type per line: 2.0.11 reads only the first word of a log_type line.",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-    ]
-    if config.bridge:
-        lines += ["", *_render_bridge(config.bridge)]
-    return "\n".join(lines) + "\n"
-
-
-def _render_bridge(bridge: BridgeConfig) -> list[str]:
-    lines = ["# Everything below belongs to the bridge: keep it last."]
-    if bridge.protocol_version == "mqttv50" and not bridge.cleansession:
-        lines += [
-            "# 2.0.11 sends no Session Expiry Interval on an MQTT 5 bridge, so the remote broker",
-            "# ends the bridge's session at each disconnect: 'in' messages published meanwhile",
-            "# are lost (retained ones come back on resubscribe). mqttv311 keeps the session.",
-        ]
-    return [
-        *lines,
-        f"connection {bridge.name}",
-        f"address {bridge.address}:{bridge.port}",
-        f"bridge_protocol_version {bridge.protocol_version}",
-        f"remote_clientid {bridge.remote_id}",
-        f"local_clientid {bridge.local_clientid or 'local.' + bridge.remote_id}",
-        f"cleansession {_bool(bridge.cleansession)}",
-        f"bridge_attempt_unsubscribe {_bool(bridge.attempt_unsubscribe)}",
-        "notifications true",
-        f"keepalive_interval {bridge.keepalive_interval}",
-        f"restart_timeout {bridge.restart_timeout_base} {bridge.restart_timeout_cap}",
-        *(f"topic {t.pattern} {t.direction} {t.qos}" for t in bridge.topics),
-    ]
-
-
-def render_acl(header: str = "") -> str:
-    """An ACL file pinning each client id to its own topics of the ``hfl/`` scheme.
-
-    ``%c`` is the client id: a device may publish only as itself. Client ids are not a
-    credential, so on an untrusted network add a ``password_file`` and use ``%u`` instead.
-    """
-    lines = [*_commented(header), ""] if header else []
-    lines += [
-        "# Rendered by hfl_mqtt.brokers.render_acl.",
-        "# Anonymous clients (topic lines before any user line): read the models and statuses",
-        "# of the federation and the broker's $SYS counters.",
-        "topic read hfl/+/+/model/#",
-        "topic read hfl/+/+/status",
-        "topic read $SYS/broker/#",
-        "# A parent stops its children through their control topics; an ACL cannot name a",
-        "# node's parent, so any client may write them. On an untrusted network, give the",
-        "# aggregators a password_file user with this right instead.",
-        "topic write hfl/+/+/ctl",
-        "",
-        "# A child sends its delta to any parent only under its own id.",
-        "pattern write hfl/+/+/up/%c",
-        "# A node publishes its own status (and Last Will) and reads its own control topic.",
-        "pattern write hfl/+/%c/status",
-        "pattern read hfl/+/%c/ctl",
-        "# An aggregator publishes its own model (and its retained chunks, model/chunk/{i})",
-        "# and reads its children's deltas.",
-        "pattern write hfl/+/%c/model/#",
-        "pattern read hfl/+/%c/up/+",
-        "# A bridge named after its edge node reports its connection state.",
-        "pattern write $SYS/broker/connection/%c/state",
-        "",
-        "# The operator (a password_file user) may control and watch every node.",
-        "user hfl-operator",
-        "topic readwrite hfl/#",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-_EXAMPLE_HEADERS = {
-    "single.conf": """\
-One broker for a whole federation on one machine (a local run, a demo, a lab).
-Loopback only, anonymous, persistent. Port 1884 so it can run beside a system
-Mosquitto on 1883. Start it as a normal user (as root, Mosquitto switches to the
-"mosquitto" user, who cannot write here):
-    mkdir -p /tmp/hfl-mqtt/single && mosquitto -c brokers/single.conf
-Regenerate: python -m hfl_mqtt.brokers brokers/""",
-    "cloud.conf": """\
-The cloud (root) broker: every interface, port 1883, persistent, ACL from acl.conf.
-Edge brokers bridge into it (see edge-bridged.conf); each bridge connects with
-its edge node's name as client id, so the ACL's %c rules pin it to its topics.
-Install acl.conf as /etc/hfl-mqtt/acl.conf.
-Regenerate: python -m hfl_mqtt.brokers brokers/""",
-    "edge-bridged.conf": """\
-An edge site's broker, bridged to the cloud broker at cloud.example.net:1883.
-Edge node "edge-1" (parent "cloud", federation "demo") and its workers talk to
-this broker; the bridge (MQTT 5) forwards only
-  out: hfl/demo/cloud/up/edge-1   hfl/demo/edge-1/status
-  in:  hfl/demo/cloud/model/#     hfl/demo/edge-1/ctl
-(model/# is the model and its retained chunks model/chunk/{i})
-so workers' deltas under hfl/demo/edge-1/ never leave the site.
-Regenerate: python -m hfl_mqtt.brokers brokers/""",
-    "acl.conf": """\
-ACL for a broker of the hfl/{federation}/{node}/... topic scheme (acl_file).
-  hfl/F/N/model       retained, N's current model, read by N's children
-  hfl/F/N/up/C        child C's delta to parent N
-  hfl/F/N/status      retained, N's status and Last Will
-  hfl/F/N/ctl         control messages for N
-%c is the client id: each device must connect with its node name as client id.
-Regenerate: python -m hfl_mqtt.brokers brokers/""",
-}
-
-
-def example_files() -> dict[str, str]:
-    """The documented example files of ``brokers/``, by file name (a test keeps them in sync)."""
-    edge = BrokerConfig(
-        host="0.0.0.0",
-        port=1883,
-        bridge=BridgeConfig(
-            name="edge-1",
-            address="cloud.example.net",
-            topics=tuple(edge_bridge_topics("demo", "edge-1", "cloud")),
-        ),
-    )
-    cloud = BrokerConfig(host="0.0.0.0", port=1883, acl_file=Path("/etc/hfl-mqtt/acl.conf"))
-    single_dir = "/tmp/hfl-mqtt/single"
-    rendered = {
-        "single.conf": (BrokerConfig(port=1884), single_dir, f"{single_dir}/mosquitto.log"),
-        "cloud.conf": (cloud, "/var/lib/hfl-mqtt/cloud", "/var/log/hfl-mqtt/cloud.log"),
-        "edge-bridged.conf": (edge, "/var/lib/hfl-mqtt/edge-1", "/var/log/hfl-mqtt/edge-1.log"),
-    }
-    files = {
-        name: render_config(
-            config,
-            port=config.port,
-            persistence_dir=data,
-            log_file=log,
-            header=_EXAMPLE_HEADERS[name],
-        )
-        for name, (config, data, log) in rendered.items()
-    }
-    files["acl.conf"] = render_acl(_EXAMPLE_HEADERS["acl.conf"])
-    return files
 
 
 def find_mosquitto() -> str | None:
