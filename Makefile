@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-staleness test test-slow lint pytest clean
+.PHONY: demo bench bench-staleness bench-recovery test test-slow lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ bench: $(STAMP)
 bench-staleness: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/staleness_bench.py --json benchmarks/out/staleness.json
+
+bench-recovery: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/recovery_bench.py --json benchmarks/out/recovery.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
