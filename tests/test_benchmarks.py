@@ -123,3 +123,23 @@ def test_vs_flower_writes_one_record_per_system(tmp_path: Path) -> None:
     assert records[0]["rounds"] == 4
     assert records[1]["rounds"] == 2  # tau 2
     assert result["comparisons"][0]["cloud_link_bytes_ratio"] > 1
+
+
+@needs_mosquitto
+def test_recovery_bench_crashes_the_broker_once_per_setting(tmp_path: Path) -> None:
+    """One tiny run with persistence and one without: the schema, and nothing lost."""
+    from benchmarks import recovery_bench
+
+    out = tmp_path / "recovery.json"
+    argv = ["--repeats", "1", "--edges", "1", "--workers-per-edge", "2", "--rounds", "3"]
+    argv += ["--epochs", "10", "--outage-s", "0.5", "--json", str(out)]
+    recovery_bench.main(argv)  # its exit code says whether the targets were met: not checked
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "recovery"
+    assert [r["persistence"] for r in result["records"]] == [True, False]
+    for record in result["records"]:
+        assert record["lost"] == 0
+        assert record["recovery_s"] is not None
+        assert record["recovery_s"] > 0
+        assert record["global_rounds"] == 3
+    assert set(result["targets"]) >= {"no update lost", "no round waits for its deadline"}
