@@ -6,6 +6,8 @@
   cleanly (exit code 0); a second one stops them at once.
 - ``hfl-mqtt sim FEDERATION.yaml --out DIR``: a whole federation on this machine.
 - ``hfl-mqtt demo``: a small 3-level federation on digits, no arguments needed.
+- ``hfl-mqtt plan FEDERATION.yaml --out DIR``: everything a fleet needs (node configs, brokers
+  with passwords and ACLs, with ``--tls`` a CA and certificates, START.md); hfl_mqtt/plan.py.
 """
 
 from __future__ import annotations
@@ -63,6 +65,29 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--processes", type=int, help="worker processes (default: one per core)")
     demo = commands.add_parser("demo", help="a small 3-level federation on digits")
     demo.add_argument("--out", type=Path, default=Path("hfl-demo"), help="default: hfl-demo/")
+    plan = commands.add_parser("plan", help="write a fleet's node configs, brokers and secrets")
+    plan.add_argument("config", type=Path, help="the federation's YAML file")
+    plan.add_argument("--out", required=True, type=Path, help="directory for the plan")
+    plan.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="where nodes reach the root's broker (default: 127.0.0.1:1883, 8883 with --tls)",
+    )
+    plan.add_argument("--tls", action="store_true", help="TLS everywhere, with a private CA")
+    plan.add_argument(
+        "--client-certs", action="store_true", help="a client certificate per user (implies --tls)"
+    )
+    plan.add_argument(
+        "--broker-dir",
+        type=Path,
+        help="absolute directory of brokers/ on the broker hosts (default: DIR/brokers here)",
+    )
+    plan.add_argument(
+        "--broker-user",
+        help="user Mosquitto runs as when started as root (default: you; with --broker-dir: "
+        "mosquitto)",
+    )
+    plan.add_argument("--force", action="store_true", help="replace the plan in a non-empty DIR")
     return parser
 
 
@@ -116,12 +141,32 @@ def _run(paths: list[Path]) -> int:
     return 2 if failed else 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from hfl_mqtt.plan import parse_address, write_plan
+
+    plan = write_plan(
+        load_federation(args.config),
+        args.out,
+        broker=parse_address(args.broker) if args.broker else None,
+        tls=args.tls,
+        client_certs=args.client_certs,
+        broker_dir=args.broker_dir,
+        broker_user=args.broker_user,
+        force=args.force,
+    )
+    brokers = ", ".join(f"{b.name} at {b.host}:{b.port}" for b in plan.brokers.values())
+    print(f"{len(plan.nodes)} nodes, brokers: {brokers}; next: {args.out / 'START.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(_log_level(args.verbose + (1 if args.command == "run" else 0)))
     try:
         if args.command == "run":
             return _run(args.config)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "sim":
             return _simulate(load_federation(args.config), args.out, args.processes, args.verbose)
         return _simulate(DEMO, args.out, None, args.verbose)

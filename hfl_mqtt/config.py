@@ -45,6 +45,7 @@ from pydantic import (
 from hfl_mqtt.aggregation.flower_strategy import FlowerStrategyConfig
 from hfl_mqtt.aggregation.staleness import StalenessFunction
 from hfl_mqtt.codec.spec import parse_spec
+from hfl_mqtt.deployment import DeploymentConfig
 from hfl_mqtt.errors import CodecSpecError, ConfigError
 from hfl_mqtt.tasks.base import TaskConfig
 
@@ -485,6 +486,8 @@ class FederationConfig(_Frozen):
     chunk_size: Annotated[int, Field(ge=1024)] = 1 << 20
     heterogeneity: HeterogeneityConfig | None = None
     """Simulated device differences among the workers; None: every worker as it is."""
+    deployment: DeploymentConfig | None = None
+    """Brokers, sites and hosts of a real fleet, for ``hfl-mqtt plan`` (hfl_mqtt/deployment.py)."""
 
     @model_validator(mode="after")
     def _shape(self) -> FederationConfig:
@@ -499,6 +502,8 @@ class FederationConfig(_Frozen):
         for depth, (level, children) in enumerate(zip(self.levels, self.fanout, strict=False)):
             if level.flower_strategy is not None:
                 level.flower_strategy.check_children(children, f"levels.{depth}.flower_strategy")
+        if self.deployment is not None:
+            self.deployment.check_tree(self.tree(), self.levels[0].name)
         return self
 
     @property

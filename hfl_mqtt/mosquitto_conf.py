@@ -14,21 +14,25 @@ its behaviour on this machine; the quirks found are the comments in the rendered
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hfl_mqtt import topics
 
 __all__ = [
     "BridgeConfig",
+    "BridgeTls",
     "BridgeTopic",
     "BrokerConfig",
+    "ListenerTls",
     "edge_bridge_topics",
     "example_files",
     "render_acl",
     "render_config",
+    "render_user_acl",
 ]
 
 MiB = 1 << 20
@@ -43,6 +47,17 @@ _Name = Annotated[str, Field(min_length=1, pattern=r"^[^\s/+#$\"]+$")]
 _Port = Annotated[int, Field(ge=0, le=65535)]
 
 
+def _one_token(path: Path) -> Path:
+    if not path.parts or any(c.isspace() or c == '"' for c in str(path)):
+        raise ValueError(f"{str(path)!r}: mosquitto.conf cannot hold a path with spaces or quotes")
+    return path
+
+
+# A file named in mosquitto.conf: relative ones are relative to the broker's working directory.
+_File = Annotated[Path, AfterValidator(_one_token)]
+_TlsVersion = Literal["tlsv1.2", "tlsv1.3"]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -53,6 +68,36 @@ class BridgeTopic(_Frozen):
     pattern: _Token
     direction: Literal["in", "out", "both"] = "out"
     qos: Literal[0, 1, 2] = 1
+
+
+class BridgeTls(_Frozen):
+    """TLS toward the remote broker: the CA that signed its certificate (whose host name must
+    match ``address``), and this bridge's own certificate if the remote asks for one."""
+
+    cafile: _File
+    certfile: _File | None = None
+    keyfile: _File | None = None
+    version: _TlsVersion = "tlsv1.2"
+    """``bridge_tls_version``: the TLS version of the bridge's connection (Mosquitto's default
+    is tlsv1.2)."""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> BridgeTls:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together: give both or neither")
+        return self
+
+
+class ListenerTls(_Frozen):
+    """A TLS listener: the broker's certificate and key, the CA its clients' certificates (if
+    required) are checked against, and the oldest TLS version it accepts."""
+
+    cafile: _File
+    certfile: _File
+    keyfile: _File
+    require_certificate: bool = False
+    """Clients must present a certificate signed by ``cafile`` (their password still counts)."""
+    min_version: _TlsVersion = "tlsv1.2"
 
 
 class BridgeConfig(_Frozen):
@@ -75,6 +120,18 @@ class BridgeConfig(_Frozen):
     keepalive_interval: int = Field(default=10, ge=5)
     restart_timeout_base: int = Field(default=1, ge=1)
     restart_timeout_cap: int = Field(default=10, ge=1)
+    tls: BridgeTls | None = None
+    """None: plain TCP to the remote broker."""
+    remote_username: _Token | None = None
+    remote_password: _Token | None = None
+    """Written into mosquitto.conf as is (Mosquitto reads it from nowhere else): keep that
+    file readable by the broker's user only."""
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> BridgeConfig:
+        if self.remote_password is not None and self.remote_username is None:
+            raise ValueError("remote_password needs a remote_username")
+        return self
 
     @property
     def remote_id(self) -> str:
@@ -102,7 +159,11 @@ class BrokerConfig(_Frozen):
     persistent_client_expiration: str | None = "1h"
     sys_interval: int = Field(default=1, ge=0)
     allow_anonymous: bool = True
-    acl_file: Path | None = None
+    password_file: _File | None = None
+    """Users and their password hashes (mosquitto_passwd format); reloaded on SIGHUP."""
+    acl_file: _File | None = None
+    tls: ListenerTls | None = None
+    """None: plain TCP."""
     user: _Token | None = None
     bridge: BridgeConfig | None = None
 
@@ -156,7 +217,9 @@ def render_config(
         *(["", f"user {config.user}"] if config.user else []),
         "",
         f"listener {port} {config.host}",
+        *(_render_listener_tls(config.tls) if config.tls else []),
         f"allow_anonymous {_bool(config.allow_anonymous)}",
+        *([f"password_file {config.password_file}"] if config.password_file else []),
         *([f"acl_file {config.acl_file}"] if config.acl_file else []),
         "",
         "# Without it a small QoS 1 round trip takes ~40 ms (Nagle's algorithm vs delayed ACKs).",
@@ -201,6 +264,36 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def _render_listener_tls(tls: ListenerTls) -> list[str]:
+    return [
+        f"cafile {tls.cafile}",
+        f"certfile {tls.certfile}",
+        f"keyfile {tls.keyfile}",
+        f"require_certificate {_bool(tls.require_certificate)}",
+        "# The oldest version accepted (since 2.0; 1.6 took it as the only one).",
+        f"tls_version {tls.min_version}",
+    ]
+
+
+def _render_bridge_auth(bridge: BridgeConfig) -> list[str]:
+    lines = []
+    if bridge.remote_username:
+        lines.append(f"remote_username {bridge.remote_username}")
+    if bridge.remote_password:
+        lines.append(f"remote_password {bridge.remote_password}")
+    tls = bridge.tls
+    if tls is not None:
+        lines += [
+            f"bridge_cafile {tls.cafile}",
+            *([f"bridge_certfile {tls.certfile}"] if tls.certfile else []),
+            *([f"bridge_keyfile {tls.keyfile}"] if tls.keyfile else []),
+            "# Check that the remote certificate names the host in 'address'.",
+            "bridge_insecure false",
+            f"bridge_tls_version {tls.version}",
+        ]
+    return lines
+
+
 def _render_bridge(bridge: BridgeConfig) -> list[str]:
     lines = ["# Everything below belongs to the bridge: keep it last."]
     if bridge.protocol_version == "mqttv50" and not bridge.cleansession:
@@ -221,6 +314,7 @@ def _render_bridge(bridge: BridgeConfig) -> list[str]:
         "notifications true",
         f"keepalive_interval {bridge.keepalive_interval}",
         f"restart_timeout {bridge.restart_timeout_base} {bridge.restart_timeout_cap}",
+        *_render_bridge_auth(bridge),
         *(f"topic {t.pattern} {t.direction} {t.qos}" for t in bridge.topics),
     ]
 
@@ -260,6 +354,40 @@ def render_acl(header: str = "") -> str:
         "user hfl-operator",
         "topic readwrite hfl/#",
     ]
+    return "\n".join(lines) + "\n"
+
+
+AclAccess = Literal["read", "write", "readwrite", "deny"]
+AclRule = tuple[AclAccess, str]
+"""``(access, topic filter)``: one ``topic`` (or ``pattern``) line of an ACL file."""
+
+
+def render_user_acl(
+    patterns: Sequence[AclRule],
+    users: Mapping[str, Sequence[AclRule]],
+    header: str = "",
+) -> str:
+    """An ACL file for a broker with a password file: ``patterns`` (with ``%u``) apply to
+    every user, ``users`` adds each user's own ``topic`` lines. No line comes before the first
+    ``user`` line, so anonymous clients (if allowed at all) may do nothing."""
+    lines = [*_commented(header), ""] if header else []
+    for user, rules in (("(patterns)", patterns), *users.items()):
+        if not user or any(c.isspace() for c in user):
+            raise ValueError(f"ACL user {user!r}: empty or with spaces")
+        for _, topic in rules:
+            if not topic or any(c.isspace() for c in topic):
+                raise ValueError(f"ACL topic {topic!r} of {user}: empty or with spaces")
+    for _, topic in patterns:
+        if "%u" not in topic and "%c" not in topic:
+            # 2.0.11 warns at start for such a line: it is the same for everyone.
+            raise ValueError(f"ACL pattern {topic!r} has no %u or %c")
+    lines += [
+        "# Rendered by hfl_mqtt.mosquitto_conf.render_user_acl.",
+        "# Every user, its own topics (%u: the user name; a node's user is named after it).",
+        *(f"pattern {access} {topic}" for access, topic in patterns),
+    ]
+    for user, rules in users.items():
+        lines += ["", f"user {user}", *(f"topic {access} {topic}" for access, topic in rules)]
     return "\n".join(lines) + "\n"
 
 
