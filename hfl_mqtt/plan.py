@@ -30,6 +30,7 @@ import pwd
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -359,7 +360,7 @@ def write_plan(
         _write(out / "secrets" / f"{user}.password", password + "\n", _PRIVATE)
     ca = _write_pki(plan, out) if plan.tls else None
     for node in plan.nodes:
-        text = yaml.safe_dump(node.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        text = yaml.safe_dump(_node_document(node), sort_keys=False)
         run = f"hfl-mqtt run --config nodes/{node.node}.yaml"
         header = f"# Node {node.node} of federation {plan.federation} ({node.role}): {run}\n"
         _write(out / "nodes" / f"{node.node}.yaml", header + text, _PUBLIC)
@@ -387,6 +388,17 @@ def write_plan(
         _write(here / f"hfl-mqtt-broker-{b.name}.service", _unit(plan, b, installed), _PUBLIC)
     _write(out / "START.md", start_md(plan, out, installed, broker_user), _PUBLIC)
     return plan
+
+
+def _node_document(node: NodeConfig) -> dict[str, Any]:
+    """``node`` as YAML data: what differs from the defaults, and always the brokers' address."""
+    data = node.model_dump(mode="json", exclude_defaults=True)
+    for side in ("upstream", "downstream"):
+        link = getattr(node, side)
+        if link is not None:
+            address = {"host": link.broker.host, "port": link.broker.port}
+            data[side]["broker"] = {**address, **data[side].get("broker", {})}
+    return data
 
 
 def _all_users(plan: Plan) -> list[str]:

@@ -119,35 +119,69 @@ def _broker_section(
     return lines
 
 
-def _node_section(plan: Plan, host: str | None, nodes: list[str], out: Path) -> list[str]:
-    files = files_of(plan, nodes)
-    configs = " ".join(f"--config hfl-plan/nodes/{node}.yaml" for node in nodes)
-    name = host or "HOST"
-    if host is None:
-        lines = [
+def _node_section(plan: Plan, host: str | None, nodes: list[str]) -> list[str]:
+    if host is None:  # one archive per node, made by a loop over the nodes
+        files = " ".join(f.replace("NODE", "$n") for f in plan.node_files("NODE"))
+        return [
             "### Nodes placed on no host (`deployment.hosts`)",
             "",
-            f"{', '.join(nodes)}: run each where you like, the same way (its own files only):",
+            f"{', '.join(nodes)}: an archive each (its own files only, the layout kept so the "
+            "relative paths in its node file still hold); copy `NODE.tgz` to the node's host "
+            "and start it there:",
             "",
+            *_block(
+                "# from this directory",
+                f"for n in {' '.join(nodes)}; do tar -czf $n.tgz {files}; done",
+                "# on the node's host",
+                "mkdir -p hfl-plan && tar -xzf NODE.tgz -C hfl-plan && chmod 700 hfl-plan/secrets",
+                "hfl-mqtt run --config hfl-plan/nodes/NODE.yaml",
+            ),
         ]
-        nodes_shown = nodes[:1]
-        files = files_of(plan, nodes_shown)
-        configs = f"--config hfl-plan/nodes/{nodes_shown[0]}.yaml"
-    else:
-        lines = [f"### {host}: {', '.join(nodes)}", ""]
-    lines += [
+    files = " ".join(shlex.quote(f) for f in files_of(plan, nodes))
+    configs = " ".join(f"--config hfl-plan/nodes/{node}.yaml" for node in nodes)
+    return [
+        f"### {host}: {', '.join(nodes)}",
+        "",
         "Copy its files (the archive keeps the layout, so the relative paths in the node files "
         "still hold) and start:",
         "",
         *_block(
             "# from this directory",
-            f"tar -czf {name}.tgz {' '.join(shlex.quote(f) for f in files)}",
-            f"scp {name}.tgz {name}:",
-            f"# on {name}",
-            f"mkdir -p hfl-plan && tar -xzf {name}.tgz -C hfl-plan && chmod 700 hfl-plan/secrets",
+            f"tar -czf {host}.tgz {files}",
+            f"scp {host}.tgz {host}:",
+            f"# on {host}",
+            f"mkdir -p hfl-plan && tar -xzf {host}.tgz -C hfl-plan && chmod 700 hfl-plan/secrets",
             f"hfl-mqtt run {configs}",
         ),
     ]
+
+
+def _watch_section(plan: Plan) -> list[str]:
+    fed = plan.federation
+    root = plan.root_broker
+    lines = [
+        "## 3. Watch and stop",
+        "",
+        f"As the operator (`{OPERATOR}`, may read and write everything under `hfl/`), from "
+        f"this directory: the status (retained) of every node on {root.name}'s broker, then "
+        "stop a node (an aggregator stops its children first; stopping the root ends the "
+        "federation):",
+        "",
+        *_block(
+            f"mosquitto_sub {_client_options(plan, root)} -v -t '{topics.status_topic(fed, '+')}'",
+            f"mosquitto_pub {_client_options(plan, root)} -q 1 "
+            f'-t {topics.ctl_topic(fed, "NODE")} -m \'{{"cmd": "stop"}}\'',
+        ),
+    ]
+    sites = [b for b in plan.brokers.values() if b.bridge_to is not None]
+    if sites:
+        lines += [
+            "A site's workers talk to their site's broker only: watch or stop them there "
+            "(the same commands with its host and port): "
+            + "; ".join(f"{b.name} ({b.host}:{b.port}): {', '.join(b.users)}" for b in sites)
+            + ".",
+            "",
+        ]
     return lines
 
 
@@ -194,7 +228,7 @@ def start_md(plan: Plan, out: Path, installed: Path, broker_user: str) -> str:
     ]
     for host, nodes in hosts_of(plan).items():
         if nodes:
-            lines += _node_section(plan, host, nodes, out)
+            lines += _node_section(plan, host, nodes)
     if local and all(b.host in _LOOPBACK for b in plan.brokers.values()):
         lines += [
             "### Everything on this machine",
@@ -203,19 +237,8 @@ def start_md(plan: Plan, out: Path, installed: Path, broker_user: str) -> str:
             "",
             *_block("hfl-mqtt run --config nodes/*.yaml"),
         ]
-    root = plan.root_broker
+    lines += _watch_section(plan)
     lines += [
-        "## 3. Watch and stop",
-        "",
-        f"As the operator (`{OPERATOR}`, may read and write everything under `hfl/`), from "
-        "this directory: every node's status (retained), then stop a node (an aggregator "
-        "stops its children first):",
-        "",
-        *_block(
-            f"mosquitto_sub {_client_options(plan, root)} -v -t '{topics.status_topic(fed, '+')}'",
-            f"mosquitto_pub {_client_options(plan, root)} -q 1 "
-            f'-t {topics.ctl_topic(fed, "NODE")} -m \'{{"cmd": "stop"}}\'',
-        ),
         "## 4. A lost device",
         "",
         "Its password is what lets it in: delete its user from the password file of each "

@@ -440,7 +440,6 @@ async def test_a_site_broker_bridges_to_the_cloud_over_tls_with_client_certifica
             await worker.publish(up_topic(FED, "edge-0", "worker-0"), b"worker-delta")
         log = (out / "brokers" / "cloud" / "mosquitto.log").read_text()
         assert "u'bridge-site-a'" in log  # the bridge logged in as its own user
-        assert "denied" not in log.lower()
     # Without a client certificate, even the right password is not enough.
     password = (out / "secrets" / "worker-0.password").read_text().strip()
     bare = aiomqtt.Client(
