@@ -49,7 +49,7 @@ from hfl_mqtt.mosquitto_conf import (
     render_config,
     render_user_acl,
 )
-from hfl_mqtt.plan_docs import start_md
+from hfl_mqtt.plan_docs import acl_header, conf_header, start_md, systemd_unit
 
 __all__ = ["OPERATOR", "BrokerPlan", "Plan", "make_plan", "parse_address", "write_plan"]
 
@@ -376,16 +376,18 @@ def write_plan(
         lines = [pki.password_line(user, passwords[user]) for user in plan.users(b)]
         _write(here / "passwd", "\n".join(lines) + "\n", _PRIVATE)
         patterns, users = acl_rules(plan, b)
-        _write(here / "acl", render_user_acl(patterns, users, _acl_header(plan, b)), _PUBLIC)
+        _write(here / "acl", render_user_acl(patterns, users, acl_header(plan, b)), _PUBLIC)
         conf = render_config(
             settings,
             port=b.port,
             persistence_dir=installed / b.name / "data",
             log_file=installed / b.name / "mosquitto.log",
-            header=_conf_header(plan, b, installed),
+            header=conf_header(plan, b, installed),
         )
         _write(here / "mosquitto.conf", conf, _PRIVATE if bridge_password else _PUBLIC)
-        _write(here / f"hfl-mqtt-broker-{b.name}.service", _unit(plan, b, installed), _PUBLIC)
+        _write(
+            here / f"hfl-mqtt-broker-{b.name}.service", systemd_unit(plan, b, installed), _PUBLIC
+        )
     _write(out / "START.md", start_md(plan, out, installed, broker_user), _PUBLIC)
     return plan
 
@@ -460,35 +462,3 @@ def _write_broker_pki(plan: Plan, broker: BrokerPlan, ca: pki.KeyPair, here: Pat
         bridge = pki.issue(ca, broker.bridge_user, usage="client")
         _write(here / "bridge.crt", bridge.cert_pem, _PUBLIC)
         _write(here / "bridge.key", bridge.key_pem, _PRIVATE)
-
-
-def _conf_header(plan: Plan, broker: BrokerPlan, installed: Path) -> str:
-    where = f"{broker.host}:{broker.port}" + (" (TLS)" if plan.tls else "")
-    role = f"bridged to {broker.bridge_to}" if broker.bridge_to else "the root's broker"
-    return (
-        f"Broker {broker.name} of federation {plan.federation}, {role}; clients reach it at "
-        f"{where}.\nWritten by hfl-mqtt plan; every path below is where this directory is on "
-        f"the broker's host.\nStart: mosquitto -c {installed / broker.name / 'mosquitto.conf'}"
-    )
-
-
-def _acl_header(plan: Plan, broker: BrokerPlan) -> str:
-    return (
-        f"Who may do what on broker {broker.name} of federation {plan.federation} (hfl-mqtt "
-        "plan).\nEvery user must log in (allow_anonymous false); a node's user is its node id."
-    )
-
-
-def _unit(plan: Plan, broker: BrokerPlan, installed: Path) -> str:
-    conf = installed / broker.name / "mosquitto.conf"
-    return (
-        "[Unit]\n"
-        f"Description=hfl-mqtt broker {broker.name} of federation {plan.federation} (Mosquitto)\n"
-        "After=network-online.target\nWants=network-online.target\n\n"
-        "[Service]\n"
-        f"ExecStart=/usr/sbin/mosquitto -c {conf}\n"
-        "# SIGHUP: reread the password file and the ACL (a revoked user is out at once).\n"
-        "ExecReload=/bin/kill -HUP $MAINPID\n"
-        "Restart=on-failure\nRestartSec=2\n\n"
-        "[Install]\nWantedBy=multi-user.target\n"
-    )

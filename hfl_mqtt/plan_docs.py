@@ -1,4 +1,5 @@
-"""START.md of a plan (``hfl-mqtt plan``): what to copy to which host, the commands to run there.
+"""The texts of a plan (``hfl-mqtt plan``) for people: START.md (what to copy to which host,
+the commands to run there), the comment headers of broker files, a broker's systemd unit.
 
 Written from the plan itself, so every path, host, port and user in it is the plan's.
 """
@@ -16,7 +17,7 @@ from hfl_mqtt.deployment import OPERATOR, DeploymentConfig
 if TYPE_CHECKING:
     from hfl_mqtt.plan import BrokerPlan, Plan
 
-__all__ = ["files_of", "hosts_of", "start_md"]
+__all__ = ["acl_header", "conf_header", "files_of", "hosts_of", "start_md", "systemd_unit"]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -255,3 +256,35 @@ def start_md(plan: Plan, out: Path, installed: Path, broker_user: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def conf_header(plan: Plan, broker: BrokerPlan, installed: Path) -> str:
+    where = f"{broker.host}:{broker.port}" + (" (TLS)" if plan.tls else "")
+    role = f"bridged to {broker.bridge_to}" if broker.bridge_to else "the root's broker"
+    return (
+        f"Broker {broker.name} of federation {plan.federation}, {role}; clients reach it at "
+        f"{where}.\nWritten by hfl-mqtt plan; every path below is where this directory is on "
+        f"the broker's host.\nStart: mosquitto -c {installed / broker.name / 'mosquitto.conf'}"
+    )
+
+
+def acl_header(plan: Plan, broker: BrokerPlan) -> str:
+    return (
+        f"Who may do what on broker {broker.name} of federation {plan.federation} (hfl-mqtt "
+        "plan).\nEvery user must log in (allow_anonymous false); a node's user is its node id."
+    )
+
+
+def systemd_unit(plan: Plan, broker: BrokerPlan, installed: Path) -> str:
+    conf = installed / broker.name / "mosquitto.conf"
+    return (
+        "[Unit]\n"
+        f"Description=hfl-mqtt broker {broker.name} of federation {plan.federation} (Mosquitto)\n"
+        "After=network-online.target\nWants=network-online.target\n\n"
+        "[Service]\n"
+        f"ExecStart=/usr/sbin/mosquitto -c {conf}\n"
+        "# SIGHUP: reread the password file and the ACL (a revoked user is out at once).\n"
+        "ExecReload=/bin/kill -HUP $MAINPID\n"
+        "Restart=on-failure\nRestartSec=2\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )

@@ -208,6 +208,27 @@ def test_cli_plan_writes_a_plan_and_broker_sets_the_root_address(
     assert "HOST:PORT" in capsys.readouterr().err
 
 
+def test_broker_dir_says_where_the_brokers_live_on_their_hosts(tmp_path: Path) -> None:
+    config = FederationConfig.model_validate(federation())
+    installed = Path("/etc/hfl-mqtt/brokers")
+    write_plan(config, tmp_path / "plan", tls=True, broker_dir=installed)
+    here = tmp_path / "plan" / "brokers" / "site-a"
+    conf = (here / "mosquitto.conf").read_text().splitlines()
+    assert "user mosquitto" in conf  # started as root by systemd, it runs as mosquitto
+    for directive in ("password_file", "acl_file", "cafile", "certfile", "keyfile"):
+        (path,) = [line.split()[1] for line in conf if line.startswith(directive + " ")]
+        assert Path(path).parent == installed / "site-a"
+        assert (here / Path(path).name).exists()
+    assert f"persistence_location {installed}/site-a/data/" in conf
+    unit = (here / "hfl-mqtt-broker-site-a.service").read_text()
+    assert f"ExecStart=/usr/sbin/mosquitto -c {installed}/site-a/mosquitto.conf" in unit
+    start = (tmp_path / "plan" / "START.md").read_text()
+    assert f"rsync -a brokers/site-a/ root@127.0.0.1:{installed}/site-a/" in start
+    assert f"chown -R mosquitto: {installed}/site-a" in start
+    with pytest.raises(ConfigError, match="absolute"):
+        write_plan(config, tmp_path / "other", broker_dir=Path("relative/dir"))
+
+
 def test_per_edge_brokers_get_a_bridged_broker_each(tmp_path: Path) -> None:
     config = federation(brokers="per_edge")
     del config["deployment"]
