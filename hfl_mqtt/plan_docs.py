@@ -220,12 +220,18 @@ def start_md(plan: Plan, out: Path, installed: Path, broker_user: str) -> str:
     lines += [
         "## 2. Nodes",
         "",
-        "Each host needs Python 3.11 or later and hfl-mqtt (`pip install hfl-mqtt`). To run a "
-        "node as a systemd service instead, see device_agents/README.md "
-        "(`device_agents/install.sh NODE.yaml SECRETS...`). Start order does not matter: "
-        "a worker trains on its parent's retained model whenever it arrives; the root ends the "
-        "federation after its rounds and every node stops.",
+        "Each host needs Python 3.11 or later and hfl-mqtt (`pip install hfl-mqtt`). Start "
+        "order does not matter: a worker trains on its parent's retained model whenever it "
+        "arrives; the root ends the federation after its rounds and every node stops.",
         "",
+        "To run a node as a systemd service instead of `hfl-mqtt run` (from an hfl-mqtt "
+        "checkout on the host; it copies the secrets the node file names, see "
+        "device_agents/README.md):",
+        "",
+        *_block(
+            "sudo device_agents/install.sh hfl-plan/nodes/NODE.yaml",
+            "journalctl -u hfl-mqtt@NODE -o cat -f",
+        ),
     ]
     for host, nodes in hosts_of(plan).items():
         if nodes:

@@ -38,6 +38,7 @@ EXAMPLES = [
     ("async_edges_fedbuff.yaml", ["cloud", "edge", "worker"], [4, 8], 32, ["sync", "fedbuff"]),
     ("async_edges_fedasync.yaml", ["cloud", "edge", "worker"], [4, 8], 32, ["sync", "fedasync"]),
     ("async_everywhere.yaml", ["cloud", "edge", "worker"], [4, 8], 32, ["fedbuff", "fedbuff"]),
+    ("fleet.yaml", ["cloud", "edge", "worker"], [2, 4], 8, ["sync", "sync"]),
 ]
 
 

@@ -519,3 +519,20 @@ async def test_a_revoked_user_is_out_after_sighup(tmp_path: Path) -> None:
             async with client():
                 pass
         assert refused.value.rc == 135
+
+
+def test_the_shipped_fleet_example_plans_a_bridged_site_per_edge(tmp_path: Path) -> None:
+    config = load_federation(Path(__file__).parent.parent / "configs" / "fleet.yaml")
+    plan = write_plan(config, tmp_path / "fleet", broker_dir=Path("/etc/hfl-mqtt/brokers"))
+    assert {name: b.bridge_to for name, b in plan.brokers.items()} == {
+        "cloud": None,
+        "lab": "cloud",
+        "greenhouse": "cloud",
+    }
+    assert plan.brokers["lab"].bind == "0.0.0.0"
+    start = (tmp_path / "fleet" / "START.md").read_text()
+    for host in config.deployment.hosts if config.deployment else {}:
+        assert f"### {host}: " in start
+    worker = load_node(tmp_path / "fleet" / "nodes" / "worker-5.yaml").upstream
+    assert worker is not None
+    assert (worker.broker.host, worker.broker.port) == ("192.168.20.2", 8883)
