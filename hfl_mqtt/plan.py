@@ -169,7 +169,9 @@ def make_plan(
     tls: bool = False,
     client_certs: bool = False,
 ) -> Plan:
-    """Decide the brokers and every node's config (no files, no secrets yet)."""
+    """Decide the brokers and every node's config (no files, no secrets yet). Client
+    certificates imply TLS."""
+    tls = tls or client_certs
     brokers, sites = _brokers_and_sites(config, broker, tls)
     root = config.levels[0].name
     root_name = next(iter(brokers))
@@ -205,7 +207,7 @@ def make_plan(
         )
         for name, b in brokers.items()
     }
-    return Plan(config, plans, tuple(nodes), tls=tls or client_certs, client_certs=client_certs)
+    return Plan(config, plans, tuple(nodes), tls=tls, client_certs=client_certs)
 
 
 def _check_user_names(nodes: list[str], brokers: dict[str, DeploymentBroker]) -> None:

@@ -200,6 +200,14 @@ def test_cli_plan_writes_a_plan_and_broker_sets_the_root_address(
     worker = load_node(out / "nodes" / "worker-0.yaml")
     assert worker.upstream is not None
     assert (worker.upstream.broker.host, worker.upstream.broker.port) == ("10.1.2.3", 9883)
+    out2 = tmp_path / "certs"
+    assert cli(["plan", str(source), "--out", str(out2), "--client-certs"]) == 0
+    capsys.readouterr()
+    worker = load_node(out2 / "nodes" / "worker-0.yaml")  # client certificates imply TLS
+    assert worker.upstream is not None
+    assert worker.upstream.broker.port == 8883
+    assert worker.upstream.broker.tls is not None
+    assert worker.upstream.broker.tls.cert_file.resolve() == out2 / "certs" / "worker-0.crt"
     conf = (out / "brokers" / "cloud" / "mosquitto.conf").read_text()
     assert "listener 9883 0.0.0.0" in conf  # a routable address: every interface
     assert cli(["plan", str(source), "--out", str(out)]) == 2  # not empty
