@@ -79,6 +79,12 @@ async def run_node(
     strategy = round_strategy(config)  # before connecting: a bad one fails at once
     if config.role == "worker" and task is None and config.partition is None:
         raise ConfigError(f"node {config.node}: {NEEDS_PARTITION} (or a ready task)")
+    trains_or_evaluates = config.downstream is None or config.upstream is None
+    if task is None and trains_or_evaluates:
+        # Before connecting, and off the event loop: loading data can take seconds on a
+        # board, and a bad task fails before the node shows up online.
+        partition = config.partition if config.downstream is None else None
+        task = await asyncio.to_thread(load_task, config.task, partition, config.num_partitions)
     async with contextlib.AsyncExitStack() as stack:
         up = down = None
         if config.upstream is not None:
@@ -97,12 +103,9 @@ async def run_node(
                 down = await _enter(stack, make(config.downstream.broker, client_id, down_status))
         if down is None:
             assert up is not None
-            if task is None:
-                task = load_task(config.task, config.partition, config.num_partitions)
+            assert task is not None
             return await Worker(config, up, task).run(stop)
-        evaluator = None
-        if up is None:
-            evaluator = task or load_task(config.task, None, config.num_partitions)
+        evaluator = task if up is None else None
         if config.flower_parent is not None:  # a Flower server above: it drives the cycles
             assert evaluator is not None
             return await run_under_flower_server(
