@@ -717,6 +717,23 @@ async def test_worker_killed_mid_round_is_seen_offline_and_the_run_finishes(
 # --- 5: the broker crashes and comes back ---------------------------------------------------------
 
 
+async def crash_in_round_two(
+    broker: MosquittoBroker, events: list[dict[str, Any]], rounds: int, *, saved: bool = False
+) -> None:
+    """SIGKILL ``broker`` just after the root's first evaluation lands in ``events`` (the
+    workers are then training for round 2) and restart it a second later, same port and
+    database. ``saved``: check that it had written a database to come back with."""
+    while not events:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    if saved:
+        assert (broker.persistence_dir / "mosquitto.db").exists()
+    assert len(events) < rounds, "the run is over: the crash comes too late"
+    await asyncio.to_thread(broker.kill)
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(broker.restart)
+
+
 async def test_broker_killed_and_restarted_mid_run_loses_no_update(
     start_broker: StartBroker,
 ) -> None:
@@ -734,24 +751,9 @@ async def test_broker_killed_and_restarted_mid_run_loses_no_update(
     nodes = config.node_configs({"cloud": address(broker)})
     links = Links()
     events: list[dict[str, Any]] = []
-    first_round = asyncio.Event()
-
-    def on_event(event: dict[str, Any]) -> None:
-        events.append(event)
-        first_round.set()
-
-    async def crash() -> None:
-        await first_round.wait()
-        await asyncio.sleep(0.05)  # into round 2: the workers are training
-        assert (broker.persistence_dir / "mosquitto.db").exists()
-        assert len(events) < rounds, "the run is over: the crash comes too late"
-        await asyncio.to_thread(broker.kill)
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(broker.restart)
-
     async with asyncio.TaskGroup() as group:
-        group.create_task(crash())
-        reports = await run_nodes(nodes, on_event=on_event, links=links)
+        group.create_task(crash_in_round_two(broker, events, rounds, saved=True))
+        reports = await run_nodes(nodes, on_event=events.append, links=links)
 
     assert [e["participants"] for e in events] == [4] * rounds
     assert reports["cloud"].updates_accepted == 4 * rounds
@@ -778,24 +780,10 @@ async def test_broker_restarted_without_persistence_loses_no_update_and_waits_no
     config = federation("amnesia", rounds=(rounds, 1), fanout=(2, 3), epochs=60, min_fraction=1.0)
     nodes = config.node_configs({"cloud": address(broker)})
     events: list[dict[str, Any]] = []
-    first_round = asyncio.Event()
-
-    def on_event(event: dict[str, Any]) -> None:
-        events.append(event)
-        first_round.set()
-
-    async def crash() -> None:
-        await first_round.wait()
-        await asyncio.sleep(0.05)  # into round 2: the workers are training
-        assert len(events) < rounds, "the run is over: the crash comes too late"
-        await asyncio.to_thread(broker.kill)
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(broker.restart)
-
     started = time.monotonic()
     async with asyncio.TaskGroup() as group:
-        group.create_task(crash())
-        reports = await run_nodes(nodes, on_event=on_event)
+        group.create_task(crash_in_round_two(broker, events, rounds))
+        reports = await run_nodes(nodes, on_event=events.append)
     assert time.monotonic() - started < config.levels[0].deadline_s
 
     assert [e["participants"] for e in events] == [2] * rounds
