@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-staleness bench-recovery test test-slow lint pytest clean
+.PHONY: demo bench bench-staleness bench-recovery bench-footprint test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ bench-recovery: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/recovery_bench.py --json benchmarks/out/recovery.json
 
+# A worker's memory, the agent venv's size, import time and idle CPU (natively); the same in an
+# emulated arm64 board with ARCH=arm64 (root, qemu: about 10 minutes).
+bench-footprint: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/footprint_bench.py $(if $(ARCH),--arch $(ARCH)) \
+		--json benchmarks/out/footprint$(if $(ARCH),-$(ARCH)).json
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,8 +46,13 @@ pytest: $(STAMP)
 
 test: lint pytest
 
+# The device test (an emulated Raspberry Pi: root, qemu, debootstrap; about 10 minutes, more the
+# first time) is slow too, but runs only on its own target.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m "slow and not device"
+
+test-device: $(STAMP)
+	$(BIN)/python -m pytest -m device
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis benchmarks/out out

@@ -21,8 +21,11 @@ from pathlib import Path
 
 from hfl_mqtt.config import FederationConfig, NodeConfig, load_federation, load_node
 from hfl_mqtt.errors import HflError
+from hfl_mqtt.logs import LOG_FORMATS, LogFormat, configure_logging, log_format_from_env
 from hfl_mqtt.runner import NodeOutcome, SignalStop, run_nodes
-from hfl_mqtt.sim import Progress, configure_logging, simulate
+
+# The simulator (brokers, process pools, plots) is imported by `sim` and `demo` only: a device
+# running `hfl-mqtt run` loads what a node needs and nothing more.
 
 __all__ = ["DEMO", "main"]
 
@@ -58,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         help="a node's YAML file; several (repeated, or after one --config) run in one process",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="console (default) or json: one JSON object per line, for journald "
+        "(default from HFL_MQTT_LOG_FORMAT)",
     )
     sim = commands.add_parser("sim", help="run a whole federation on this machine")
     sim.add_argument("config", type=Path, help="the federation's YAML file")
@@ -96,6 +105,8 @@ def _log_level(verbose: int) -> int:
 
 
 def _simulate(config: FederationConfig, out: Path, processes: int | None, verbose: int) -> int:
+    from hfl_mqtt.sim import Progress, simulate
+
     root = config.levels[0]
     progress = Progress(root.rounds, max_seconds=root.max_seconds)
     summary = asyncio.run(
@@ -160,8 +171,15 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    configure_logging(_log_level(args.verbose + (1 if args.command == "run" else 0)))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    log_format: LogFormat | None = getattr(args, "log_format", None)
+    if log_format is None:
+        try:
+            log_format = log_format_from_env()
+        except ValueError as exc:
+            parser.error(str(exc))
+    configure_logging(_log_level(args.verbose + (1 if args.command == "run" else 0)), log_format)
     try:
         if args.command == "run":
             return _run(args.config)

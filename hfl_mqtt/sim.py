@@ -36,6 +36,7 @@ from hfl_mqtt.config import BrokerAddress, FederationConfig, NodeConfig
 from hfl_mqtt.embedded import EmbeddedBroker, embedded_available
 from hfl_mqtt.errors import BrokerError, TransportError
 from hfl_mqtt.linkmeter import LinkMeter
+from hfl_mqtt.logs import configure_logging
 from hfl_mqtt.roles.aggregator import EventCallback
 from hfl_mqtt.roles.messages import STOP
 from hfl_mqtt.roles.node import run_node
@@ -93,13 +94,6 @@ class Progress:
             self._line_open = False
         self.stream.write(text + "\n")
         self.stream.flush()
-
-
-def configure_logging(level: int) -> None:
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
 
 
 def _run_worker_group(configs: list[str], log_level: int) -> list[dict[str, Any]]:
