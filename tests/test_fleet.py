@@ -37,7 +37,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def fleet(tmp_path: Path, port: int) -> Path:
+def fleet(tmp_path: Path, port: int, *, client_certs: bool = False) -> Path:
     """``plan --tls`` of a cloud, 2 edges and 4 workers on one broker at ``port``."""
     config = FederationConfig.model_validate(
         {
@@ -59,7 +59,7 @@ def fleet(tmp_path: Path, port: int) -> Path:
         }
     )
     out = tmp_path / "plan"
-    write_plan(config, out, broker=("127.0.0.1", port), tls=True)
+    write_plan(config, out, broker=("127.0.0.1", port), tls=True, client_certs=client_certs)
     return out
 
 
@@ -141,3 +141,26 @@ async def test_a_wrong_password_fails_at_once_with_a_clear_error(tmp_path: Path)
     assert f"worker-0@127.0.0.1:{port}" in message
     assert "not authorized" in message
     assert "wrong" not in message  # the password is never in a message
+
+
+async def test_a_device_without_its_client_certificate_is_refused_at_once(tmp_path: Path) -> None:
+    """Under TLS 1.3 the broker's refusal is an alert after the handshake, while the client
+    waits for its CONNACK: the link fails at once with the alert's reason, no retry."""
+    port = free_port()
+    out = fleet(tmp_path, port, client_certs=True)
+    config = load_node(out / "nodes" / "worker-0.yaml")
+    assert config.upstream is not None
+    broker = config.upstream.broker
+    assert broker.tls is not None
+    assert broker.tls.cert_file is not None
+    bare = broker.model_copy(
+        update={"tls": broker.tls.model_copy(update={"cert_file": None, "key_file": None})}
+    )
+    with started(out / "brokers" / "cloud" / "mosquitto.conf", port):
+        begun = time.monotonic()
+        with pytest.raises(AuthenticationError, match="CERTIFICATE_REQUIRED"):
+            async with mqtt_link_factory(1 << 20)(bare, "worker-0", None):
+                pass
+        assert time.monotonic() - begun < 5, "a refusal was retried"
+        async with mqtt_link_factory(1 << 20)(broker, "worker-0", None) as link:
+            assert link.connected  # with its certificate it is in

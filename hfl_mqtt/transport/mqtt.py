@@ -117,6 +117,20 @@ class _Client(aiomqtt.Client):
         self.session_present = False
         self.tls_error: ssl.SSLError | None = None
         self._acks: dict[int, asyncio.Future[ReasonCode | None]] = {}
+        paho_client: paho.Client = self._client
+        receive = paho_client._sock_recv
+
+        def keep_tls_error(size: int) -> bytes:
+            # paho logs a failed read and keeps only "connection lost": keep the TLS alert.
+            try:
+                return receive(size)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                self.tls_error = exc
+                raise
+
+        paho_client._sock_recv = keep_tls_error  # type: ignore[method-assign, assignment]
 
     def _client_connect(self) -> None:
         try:
@@ -144,6 +158,10 @@ class _Client(aiomqtt.Client):
         reason_code: ReasonCode,
         properties: Properties | None = None,
     ) -> None:
+        if not self._connected.done():
+            # Lost before the CONNACK: end the connect now, not at its timeout (under TLS 1.3
+            # a broker refuses a client certificate with an alert only after the handshake).
+            self._connected.set_exception(aiomqtt.MqttError("connection lost while connecting"))
         for ack in self._acks.values():
             if not ack.done():
                 ack.set_exception(_ConnectionLostError())
