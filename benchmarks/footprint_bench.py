@@ -23,9 +23,13 @@ Measured:
 agent installed there by ``install.sh`` itself, the worker started with the systemd unit's
 ``ExecStart=`` line under chroot. Emulated numbers are not a Raspberry Pi's: qemu-user
 translates every instruction (times are several times a native core's) and its own memory
-(translator and code cache) counts in the worker's RSS. Needs root.
+(translator and code cache) counts in the worker's RSS. ``worker_guest_rss_mb`` leaves qemu's
+own mappings out (its translated-code buffer, its binary and its heap, from
+``/proc/PID/smaps``): an estimate of what the program itself holds; natively it is the RSS.
+Needs root.
 
-Targets (checked here): ``worker_rss_mb`` <= 60, ``agent_venv_mb`` <= 120.
+Targets (checked here): ``worker_rss_mb`` <= 60 (emulated: ``worker_guest_rss_mb``),
+``agent_venv_mb`` <= 120, and no heavy module (rich, scikit-learn, torch, ...) in a node.
 
     python benchmarks/footprint_bench.py --json benchmarks/out/footprint.json
     python benchmarks/footprint_bench.py --arch arm64 --json benchmarks/out/footprint-arm64.json
@@ -223,6 +227,30 @@ def board_agent(root: Path, train_csv: Path, config_path: Path) -> Agent:
     )
 
 
+def guest_rss_mb(pid: int) -> float | None:
+    """The RSS of a process under qemu-user without qemu's own mappings: the anonymous
+    writable-and-executable buffer of translated code, the ``qemu-*-static`` binary and the
+    host heap (qemu's; the guest's heap lives in guest mappings)."""
+    total = 0
+    own = False
+    try:
+        with Path(f"/proc/{pid}/smaps").open() as smaps:
+            for line in smaps:
+                fields = line.split()
+                if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line
+                    perms, path = fields[1], fields[5] if len(fields) > 5 else ""
+                    own = (
+                        ("w" in perms and "x" in perms and not path)
+                        or "qemu-" in path
+                        or path == "[heap]"
+                    )
+                elif fields[0] == "Rss:" and not own:
+                    total += int(fields[1])
+    except OSError:
+        return None
+    return total / 1024
+
+
 def import_times(agent: Agent, repeats: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, module in (("import_s", "hfl_mqtt.roles.node"), ("import_cli_s", "hfl_mqtt.cli")):
@@ -269,6 +297,7 @@ async def settle(pid: int, timeout: float = 120.0) -> float:
 async def measure_worker(
     agent: Agent, broker: MosquittoBroker, root_config: NodeConfig, args: argparse.Namespace,
     logs: Path,
+    emulated: bool,
 ) -> dict[str, Any]:  # fmt: skip
     with (logs / "worker.out").open("wb") as out, (logs / "worker.err").open("wb") as err:
         process = subprocess.Popen(
@@ -285,12 +314,15 @@ async def measure_worker(
         idle = (cpu_s(process.pid) - cpu0) * 60.0 / args.idle_s
 
         samples: list[float] = []
+        guest: list[float] = []
         events: list[dict[str, Any]] = []
 
         async def sample() -> None:
             while True:
                 if (value := rss_mb(process.pid)) is not None:
                     samples.append(value)
+                    own = guest_rss_mb(process.pid) if emulated else value
+                    guest.append(own if own is not None else value)
                 await asyncio.sleep(0.1)
 
         sampler = asyncio.create_task(sample())
@@ -314,6 +346,7 @@ async def measure_worker(
     return {
         "worker_rss_startup_mb": round(startup_rss, 1),
         "worker_rss_mb": round(max(samples, default=0.0), 1),
+        "worker_guest_rss_mb": round(max(guest, default=0.0), 1),
         "worker_rss_steady_mb": round(statistics.median(second_half), 1),
         "startup_s": round(startup_s, 1),
         "idle_cpu_s_per_min": round(idle, 3),
@@ -373,7 +406,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 task=digits_task(str(test)),
                 num_partitions=1,
             )
-            result.update(await measure_worker(agent, broker, root, args, workdir))
+            result.update(await measure_worker(agent, broker, root, args, workdir, emulated))
             machine = subprocess.run(
                 agent.wrap(["uname", "-m"]), check=True, capture_output=True, text=True
             ).stdout.strip()
@@ -410,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         else "native"
     )
     targets = {
-        f"worker_rss_mb <= {TARGET_RSS_MB:g}": (
-            "met" if result["worker_rss_mb"] <= TARGET_RSS_MB else "missed"
+        f"worker_rss_mb <= {TARGET_RSS_MB:g}{' (without qemu)' if emulated else ''}": (
+            "met" if result["worker_guest_rss_mb"] <= TARGET_RSS_MB else "missed"
         ),
         f"agent_venv_mb <= {TARGET_VENV_MB:g}": (
             "met" if result["agent_venv_mb"] <= TARGET_VENV_MB else "missed"
@@ -423,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         ("worker RSS after start-up, MB", result["worker_rss_startup_mb"]),
         ("worker RSS peak while training, MB", result["worker_rss_mb"]),
         ("worker RSS steady (median, 2nd half), MB", result["worker_rss_steady_mb"]),
+        ("worker RSS peak without qemu's mappings, MB", result["worker_guest_rss_mb"]),
         ("agent venv on disk, MB", result["agent_venv_mb"]),
         ("import hfl_mqtt.roles.node, s (median)", result["import_s"]),
         ("import hfl_mqtt.cli, s (median)", result["import_cli_s"]),
