@@ -2,7 +2,7 @@
 (qemu-user) by ``device_agents/install.sh``, two workers started in it with the systemd unit's
 own ``ExecStart=`` line, joined to a cloud and an edge on the host, training on their own CSV
 readings until the cloud's model is good on a held-out file; then SIGTERM ends a worker
-cleanly. ``make test-device`` (root, about 5 minutes with the cached rootfs; building the
+cleanly. ``make test-device`` (root, 7 to 10 minutes with the cached rootfs; building the
 rootfs first adds 3 to 8). Not in ``make test`` nor ``make test-slow``.
 
 The target: the cloud's model must score ``TARGET`` on held-out readings from all eight plots,
