@@ -231,7 +231,7 @@ def test_digits_split() -> None:
 
 
 def test_digits_without_sklearn_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
     with pytest.raises(ImportError, match=r"hfl-mqtt\[sim\]"):
         load_digits_split()
 
@@ -387,3 +387,20 @@ def test_load_task_with_a_bad_factory(factory: str, match: str) -> None:
 def test_load_task_rejects_bad_partitions(partition: int, num_partitions: int) -> None:
     with pytest.raises(TaskError):
         load_task(TaskConfig(), partition, num_partitions)
+
+
+def test_digits_are_scikit_learns_own_read_without_importing_it() -> None:
+    """The digits come from scikit-learn's data file, read directly (importing scikit-learn
+    takes seconds per worker process): the very arrays ``load_digits`` returns."""
+    from sklearn.datasets import load_digits
+
+    from hfl_mqtt.tasks.datasets import load_digits_split
+
+    x, y = load_digits(return_X_y=True)
+    split = load_digits_split(0.2, seed=3)
+    features = np.concatenate([split.x_train, split.x_test])
+    labels = np.concatenate([split.y_train, split.y_test])
+    assert features.shape == (1797, 64)
+    expected = sorted(map(tuple, np.column_stack([x / 16.0, y]).tolist()))
+    got = sorted(map(tuple, np.column_stack([features.astype(np.float64), labels]).tolist()))
+    assert np.allclose(np.array(got), np.array(expected), atol=1e-6)

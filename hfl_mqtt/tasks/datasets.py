@@ -5,10 +5,11 @@ Features are float32, labels int64. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -58,21 +59,31 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _sklearn_datasets() -> Any:
+def _digits_file() -> Path:
+    """scikit-learn's copy of the digits (``sklearn/datasets/data/digits.csv.gz``), found
+    without importing scikit-learn: its import (scipy.stats and all) takes seconds, every
+    worker process loads the digits, and the file is all ``load_digits`` reads."""
     try:
-        return importlib.import_module("sklearn.datasets")
-    except ImportError as e:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "the digits data set needs scikit-learn: install the 'sim' extra "
             "(pip install 'hfl-mqtt[sim]')"
-        ) from e
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise TaskError(f"the digits data set is missing from scikit-learn: {path}")
+    return path
 
 
 def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> TrainTestSplit:
     """scikit-learn's 8x8 digits (1797 images, 64 features in [0, 1], 10 classes), split
     stratified by class into train and test."""
     _check_fraction(test_fraction)
-    x, y = _sklearn_datasets().load_digits(return_X_y=True)
+    data = np.loadtxt(_digits_file(), delimiter=",")
+    x, y = data[:, :-1], data[:, -1].astype(np.int64)
     features = (np.asarray(x, dtype=np.float32) / np.float32(16.0)).astype(np.float32)
     labels = np.asarray(y, dtype=np.int64)
     train, test = stratified_split(labels, test_fraction, seed)
