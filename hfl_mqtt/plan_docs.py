@@ -220,9 +220,12 @@ def start_md(plan: Plan, out: Path, installed: Path, broker_user: str) -> str:
     lines += [
         "## 2. Nodes",
         "",
-        "Each host needs Python 3.11 or later and hfl-mqtt (`pip install hfl-mqtt`). Start "
-        "order does not matter: a worker trains on its parent's retained model whenever it "
-        "arrives; the root ends the federation after its rounds and every node stops.",
+        "Each host needs Python 3.11 or later and hfl-mqtt (`pip install` a checkout or a wheel "
+        "of it). Start order does not matter within a run: a worker trains on its parent's "
+        "retained model whenever it arrives; the root ends the federation after its rounds and "
+        "every node stops. Before running the same federation again on the same brokers, start "
+        "the root first: an edge that gets the last run's retained model refuses the new "
+        "root's first versions as stale.",
         "",
         "To run a node as a systemd service instead of `hfl-mqtt run` (from an hfl-mqtt "
         "checkout on the host; it copies the secrets the node file names, see "
