@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Model", "RoundStrategy", "StreamingStrategy", "Update"]
+__all__ = [
+    "AsyncStrategy",
+    "Model",
+    "RoundStrategy",
+    "StreamingStrategy",
+    "Update",
+    "subtract",
+]
 
 Model = dict[str, np.ndarray]
+
+
+def subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> Model:
+    """``new - old`` per tensor, in the dtype both share (float32 for float32 models)."""
+    return {k: np.subtract(v, old[k], dtype=np.result_type(v, old[k])) for k, v in new.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +54,45 @@ class StreamingStrategy(Protocol):
     def add(self, update: Update) -> None: ...
 
     def finish(self) -> Model: ...
+
+
+class AsyncStrategy(Protocol):
+    """An asynchronous strategy (FedAsync, FedBuff): updates are folded in as they come, each
+    weighted by its staleness; every step makes a new version. Pure math, like the others."""
+
+    step_scale: float
+    """At most how much of one delta a step adds to the model (to check a delta's range)."""
+
+    def weight(self, staleness: int) -> float:
+        """The weight an update this stale is given."""
+        ...
+
+    def can_take(self, base_version: int) -> bool:
+        """Whether an update against ``base_version`` can be folded in (FedAsync needs the
+        model of that version)."""
+        ...
+
+    def take(self, model: Mapping[str, np.ndarray], update: Update, staleness: int) -> Model | None:
+        """Fold ``update`` in: the next model if the strategy steps now, else None."""
+        ...
+
+    def versioned(self, version: int, model: Mapping[str, np.ndarray]) -> None:
+        """``model`` is published as ``version``."""
+        ...
+
+    def shift(self, by: Mapping[str, np.ndarray]) -> None:
+        """The aggregator rebased its model by ``by`` onto its parent's new model."""
+        ...
+
+    @property
+    def pending(self) -> int:
+        """Updates taken and not yet in a step."""
+        ...
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Model]]:
+        """Plain values and named models, for a checkpoint."""
+        ...
+
+    def load(self, values: Mapping[str, Any], models: Mapping[str, Model]) -> None:
+        """Restore what ``state`` gave."""
+        ...

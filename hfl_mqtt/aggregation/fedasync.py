@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from hfl_mqtt.aggregation.base import Model
+from hfl_mqtt.aggregation.base import Model, Update
 from hfl_mqtt.aggregation.staleness import StalenessFunction
 
 __all__ = ["FedAsync"]
@@ -32,6 +33,8 @@ class FedAsync:
         self.staleness = staleness
         self.max_staleness = max_staleness
         self._history: OrderedDict[int, Model] = OrderedDict()
+
+    step_scale = 1.0
 
     def remember(self, version: int, model: Mapping[str, np.ndarray]) -> None:
         """Keep ``model`` as version ``version`` (versions only grow); forget the too old."""
@@ -69,3 +72,26 @@ class FedAsync:
             )
             for name, value in model.items()
         }
+
+    # --- the shared asynchronous interface (``AsyncStrategy``) -----------------------------------
+
+    def can_take(self, base_version: int) -> bool:
+        return self.knows(base_version)
+
+    def take(self, model: Mapping[str, np.ndarray], update: Update, staleness: int) -> Model:
+        """Every update is a step."""
+        return self.step(model, update.base_version, update.delta, staleness)
+
+    def versioned(self, version: int, model: Mapping[str, np.ndarray]) -> None:
+        self.remember(version, model)
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Model]]:
+        """The remembered versions."""
+        return {"versions": list(self._history)}, {f"v{v}": m for v, m in self._history.items()}
+
+    def load(self, values: Mapping[str, Any], models: Mapping[str, Model]) -> None:
+        self._history = OrderedDict((int(v), models[f"v{v}"]) for v in values["versions"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,7 @@ class FedBuff:
         self.server_lr = server_lr
         self.weight_by_examples = weight_by_examples
         self._buffer: list[_Buffered] = []
+        self.step_scale = server_lr
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -83,3 +85,54 @@ class FedBuff:
                 acc += (item.weight * count / total) * item.update.delta[name]
             result[name] = (value + self.server_lr * acc).astype(value.dtype, copy=False)
         return result
+
+    # --- the shared asynchronous interface (``AsyncStrategy``) -----------------------------------
+
+    def can_take(self, base_version: int) -> bool:
+        return True
+
+    def take(self, model: Mapping[str, np.ndarray], update: Update, staleness: int) -> Model | None:
+        """Buffer the update; a step once the buffer is full."""
+        self.add(update, staleness)
+        return self.step(model) if self.full else None
+
+    def versioned(self, version: int, model: Mapping[str, np.ndarray]) -> None:
+        """Nothing to keep: buffered deltas do not depend on the versions."""
+
+    def shift(self, by: Mapping[str, np.ndarray]) -> None:
+        """Nothing to move: buffered deltas are differences, which a rebase keeps."""
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Model]]:
+        """The buffered updates: their header fields and weights, and their deltas."""
+        values = {
+            "buffer": [
+                {
+                    "sender": b.update.sender,
+                    "base_version": b.update.base_version,
+                    "num_examples": b.update.num_examples,
+                    "update_id": b.update.update_id,
+                    "weight": b.weight,
+                }
+                for b in self._buffer
+            ]
+        }
+        return values, {f"b{i}": dict(b.update.delta) for i, b in enumerate(self._buffer)}
+
+    def load(self, values: Mapping[str, Any], models: Mapping[str, Model]) -> None:
+        self._buffer = [
+            _Buffered(
+                Update(
+                    item["sender"],
+                    int(item["base_version"]),
+                    models[f"b{i}"],
+                    int(item["num_examples"]),
+                    item["update_id"],
+                ),
+                float(item["weight"]),
+            )
+            for i, item in enumerate(values["buffer"])
+        ]

@@ -74,7 +74,7 @@ class Aggregator(AggregatorBase):
     # --- the parent's model ---------------------------------------------------------------------
 
     async def _parent_model(self, model: Model, header: Header) -> None:
-        if self.parent_async and self.model is not None and self._anchor is not None:
+        if self.ledger.parent_async and self.model is not None and self.ledger.based:
             if self._collecting is not None:
                 self._next_parent = (model, header)  # taken in when this round closes
                 return
@@ -83,7 +83,6 @@ class Aggregator(AggregatorBase):
             if self._collecting is not None:
                 self._log.info("new parent model mid-cycle: restarting from it")
             self._adopt_parent(model, header)
-            self.model = {k: v.copy() for k, v in model.items()}
             self._cycle_round = 0
         await self._start_round()
 
@@ -169,9 +168,9 @@ class Aggregator(AggregatorBase):
                 await self._start_round()
             return
         if self._cycle_round >= self.rounds_config.rounds:
-            self._examples_unreported = examples
+            self.ledger.weigh(examples)
             await self._report_up(len(updates), mean_metric(updates, "loss"))
-            if not self.parent_async:
+            if not self.ledger.parent_async:
                 return  # wait for the parent's next model
             self._cycle_round = 0
         if self._next_parent is not None:

@@ -5,14 +5,10 @@ children, and the updates they send against it. How updates become the next mode
 business (``roles/aggregator.py``: synchronous rounds; ``roles/async_aggregator.py``: FedAsync
 and FedBuff); this base owns the rest.
 
-Versions across levels (docs/asynchronous.md has a worked example). A non-root aggregator is
-based on a parent version ``c`` with model ``M_c``; ``anchor`` is the model at its last report
-(or at the last rebase), so ``x - anchor`` is what it has not reported yet. Reporting sends
-``x - anchor`` against ``c``. When the parent publishes ``M'``, the aggregator rebases:
-``x <- M' + (x - anchor)``: what it reported is in ``M'`` (or on its way there) and is not
-counted twice; what it has not reported is kept. A synchronous parent refuses a report that
-misses its round; its model says which children it took (``participants``), and a report it did
-not take stays in ``x - anchor`` (the anchor moves only once the parent confirms).
+Versions across levels (docs/asynchronous.md has a worked example): a non-root aggregator
+reports ``x - anchor`` against its parent's version and rebases onto each new parent model,
+``x <- M' + (x - anchor)``; the bookkeeping lives in ``UpstreamLedger``
+(``aggregation/ledger.py``), which checkpoints persist.
 
 A report sent up is kept until the parent's next model. When the parent's current model
 arrives again, the parent has put it back after a reconnect, and the broker may have lost the
@@ -35,6 +31,7 @@ import numpy as np
 import structlog
 
 from hfl_mqtt.aggregation.base import Model, Update
+from hfl_mqtt.aggregation.ledger import UpstreamLedger
 from hfl_mqtt.codec import Compressor, Envelope, Header, ModelSpec, parse_spec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError, TransportError
@@ -47,7 +44,6 @@ from hfl_mqtt.roles.messages import (
     new_update_id,
     parse_ctl,
     parse_status,
-    subtract,
 )
 from hfl_mqtt.roles.report import NodeReport, reject_reason
 from hfl_mqtt.tasks.base import RoundAware, Task
@@ -122,18 +118,8 @@ class AggregatorBase(ABC):
         self.model: Model | None = None
         self.spec: ModelSpec | None = None
         self.version = 0
-        self.parent_model: Model | None = None
-        self.parent_version: int | None = None
-        self.parent_async = False
-        """The parent's models say it aggregates asynchronously (it takes late reports)."""
-        self._anchor: Model | None = None
-        self._sent: tuple[Model, int, int] | None = None
-        """Under a synchronous parent: x, examples and updates of the report against the
-        current parent version, until the parent's next model says whether it was taken."""
-        self._examples_unreported = 0
-        """Examples behind ``x - anchor`` (the weight of the next report)."""
-        self._updates_unreported = 0
-        """Children's updates folded into ``x - anchor``."""
+        self.ledger = UpstreamLedger(config.node)
+        """What was reported to the parent, against which of its versions, and what not."""
         self._untaken: tuple[int, str, bytes] | None = None
         """The last report sent up (parent version, topic, payload), until the parent's next
         model."""
@@ -155,7 +141,8 @@ class AggregatorBase(ABC):
 
     @abstractmethod
     async def _parent_model(self, model: Model, header: Header) -> None:
-        """A new model from the parent (``parent_model`` and ``parent_version`` not yet set)."""
+        """A new model from the parent (the ledger still holds the previous one; its
+        ``parent_async`` says how the new one aggregates)."""
 
     @abstractmethod
     def _wakeup_in(self) -> float | None:
@@ -326,8 +313,8 @@ class AggregatorBase(ABC):
         assert self.model is not None
         self.version += 1
         metrics = {"async": self.rounds_config.is_async, **metrics}
-        if self.parent_version is not None:
-            metrics["parent_version"] = self.parent_version
+        if self.ledger.parent_version is not None:
+            metrics["parent_version"] = self.ledger.parent_version
         payload = model_message(
             self.config.federation,
             self.config.node,
@@ -363,7 +350,8 @@ class AggregatorBase(ABC):
             if self._seen.seen(envelope.header.update_id):
                 await self._resend_untaken(envelope.header.version)
                 return
-            if self.parent_version is not None and envelope.header.version <= self.parent_version:
+            parent_version = self.ledger.parent_version
+            if parent_version is not None and envelope.header.version <= parent_version:
                 self.report.reject(
                     "stale", message.topic, f"parent version {envelope.header.version} again"
                 )
@@ -375,47 +363,37 @@ class AggregatorBase(ABC):
         self._untaken = None  # the parent has moved on: it took our report, or never will
         if self.spec is None:
             self.spec = ModelSpec.from_arrays(model)
-        self.parent_async = envelope.header.metrics.get("async") is True
+        self.ledger.parent_async = envelope.header.metrics.get("async") is True
         await self._parent_model(model, envelope.header)
 
     def _rebase(self, model: Model, header: Header) -> Model:
         """Move ``x`` onto the parent's new model, keeping what is not reported yet; returns
-        the shift ``x_new - x_old``. Sets the parent model, its version and the anchor."""
+        the shift ``x_new - x_old``."""
         assert self.model is not None
-        assert self._anchor is not None
-        unreported_from = self._anchor
-        if self._sent is not None:
-            sent_model, sent_examples, sent_updates = self._sent
-            taken = header.metrics.get("participants")
-            if not isinstance(taken, str) or self.config.node in taken.split(","):
-                unreported_from = sent_model
-                self._examples_unreported -= sent_examples
-                self._updates_unreported -= sent_updates
-            else:
-                self._log.info("the parent did not take our report: it stays to be reported")
-        rebased = {k: model[k] + (v - unreported_from[k]) for k, v in self.model.items()}
-        shift = subtract(rebased, self.model)
-        self.model = rebased
-        self._adopt_parent(model, header)
-        return shift
+        moved = self.ledger.rebase(
+            self.model,
+            model,
+            header.version,
+            participants=header.metrics.get("participants"),
+            parent_async=self.ledger.parent_async,
+        )
+        if moved.taken is False:
+            self._log.info("the parent did not take our report: it stays to be reported")
+        self.model = moved.model
+        return moved.shift
 
     def _adopt_parent(self, model: Model, header: Header) -> None:
-        self.parent_model = model
-        self.parent_version = header.version
-        self._anchor = model
-        self._sent = None
+        """Start over from the parent's model: ``x`` becomes a copy of it."""
+        self.model = self.ledger.adopt(model, header.version, parent_async=self.ledger.parent_async)
 
     # --- reporting up ---------------------------------------------------------------------------
 
     async def _report_up(self, participants: int, loss: float | None) -> None:
-        """Send ``x - anchor`` against the parent version; move the anchor if the parent takes
-        late reports, else remember what was sent until the parent's next model says."""
+        """Send ``x - anchor`` against the parent's version (``UpstreamLedger.report``)."""
         assert self.up is not None
         assert self.config.upstream is not None
         assert self.model is not None
-        assert self._anchor is not None
         assert self._up_codec is not None
-        assert self.parent_version is not None
         tree_bytes, tree_messages = self.tree_traffic()
         metrics: MetricDict = {
             "tree_bytes": tree_bytes,
@@ -424,28 +402,22 @@ class AggregatorBase(ABC):
         }
         if loss is not None:
             metrics["loss"] = loss
-        examples = min(self._examples_unreported, _MAX_COUNT)
+        report = self.ledger.report(self.model, max_examples=_MAX_COUNT)
         update_id = new_update_id()
         payload = delta_message(
             self.config.federation,
             self.config.node,
-            self.parent_version,
-            subtract(self.model, self._anchor),
-            examples,
+            report.base_version,
+            report.delta,
+            report.examples,
             self._up_codec,
             metrics,
             update_id=update_id,
         )
         topic = up_topic(self.config.federation, self.config.upstream.parent, self.config.node)
-        self._untaken = (self.parent_version, topic, payload)
+        self._untaken = (report.base_version, topic, payload)
         self.report.sent_ids.append(update_id)
         await self.up.publish(topic, payload)
-        sent = {k: v.copy() for k, v in self.model.items()}
-        if self.parent_async:
-            self._anchor = sent
-            self._examples_unreported = self._updates_unreported = 0
-        else:
-            self._sent = (sent, self._examples_unreported, self._updates_unreported)
 
     async def _resend_untaken(self, version: int) -> None:
         """The parent's model ``version`` came again: if our last report is against it, send

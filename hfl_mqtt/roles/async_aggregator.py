@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import time
 
-from hfl_mqtt.aggregation.base import Model, Update
+from hfl_mqtt.aggregation.base import AsyncStrategy, Model, Update
 from hfl_mqtt.aggregation.fedasync import FedAsync
 from hfl_mqtt.aggregation.fedbuff import FedBuff
 from hfl_mqtt.codec import Envelope, Header
-from hfl_mqtt.config import NodeConfig
+from hfl_mqtt.config import NodeConfig, RoundConfig
 from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
 from hfl_mqtt.roles.report import Arrival
 from hfl_mqtt.tasks.base import Task
 from hfl_mqtt.transport.base import LinkBase
 
-__all__ = ["AsyncAggregator"]
+__all__ = ["AsyncAggregator", "async_strategy"]
 
 
 class AsyncAggregator(AggregatorBase):
@@ -48,17 +48,7 @@ class AsyncAggregator(AggregatorBase):
         rc = self.rounds_config
         if not rc.is_async:
             raise ValueError(f"{config.node}: mode {rc.mode!r} is not asynchronous")
-        self.fedasync: FedAsync | None = None
-        self.fedbuff: FedBuff | None = None
-        if rc.mode == "fedasync":
-            self.fedasync = FedAsync(rc.mixing, rc.staleness_function(), rc.max_staleness)
-        else:
-            self.fedbuff = FedBuff(
-                rc.buffer_size,
-                rc.staleness_function(),
-                rc.server_lr,
-                weight_by_examples=rc.weight_by_examples,
-            )
+        self.strategy = async_strategy(rc)
         self.report_every = rc.report_every_updates
         if self.report_every is None and rc.report_every_s is None:
             self.report_every = len(self.children)
@@ -66,7 +56,8 @@ class AsyncAggregator(AggregatorBase):
         """Their metrics (tensors dropped), for the report's mean loss."""
         self._last_report = time.monotonic()
         self._buffered: list[Update] = []
-        """What sits in FedBuff's buffer (tensors dropped), to count once it is folded."""
+        """What the strategy holds and has not stepped with yet (tensors dropped), to count
+        once it is folded."""
 
     # --- versions -------------------------------------------------------------------------------
 
@@ -75,22 +66,18 @@ class AsyncAggregator(AggregatorBase):
 
     async def _new_version(self, metrics: dict[str, float | int | str | bool]) -> None:
         await self._publish_model(metrics)
-        if self.fedasync is not None:
-            assert self.model is not None
-            self.fedasync.remember(self.version, self.model)
+        assert self.model is not None
+        self.strategy.versioned(self.version, self.model)
 
     async def _parent_model(self, model: Model, header: Header) -> None:
-        if self.model is None or self._anchor is None:
+        if self.model is None or not self.ledger.based:
             self._adopt_parent(model, header)
-            self.model = {k: v.copy() for k, v in model.items()}
         else:
-            shift = self._rebase(model, header)
-            if self.fedasync is not None:
-                self.fedasync.shift(shift)
+            self.strategy.shift(self._rebase(model, header))
             self._log.info(
                 "rebased on the parent's model",
                 parent_version=header.version,
-                buffered=len(self.fedbuff) if self.fedbuff is not None else 0,
+                buffered=self.strategy.pending,
             )
         await self._new_version({})
         await self._maybe_report()
@@ -106,41 +93,30 @@ class AsyncAggregator(AggregatorBase):
             self.report.reject("stale", topic, f"base {base}, current {self.version}")
             return
         staleness = self.version - base
-        if staleness > self.rounds_config.max_staleness or (
-            self.fedasync is not None and not self.fedasync.knows(base)
-        ):
+        if staleness > self.rounds_config.max_staleness or not self.strategy.can_take(base):
             self.report.reject(
                 "too_stale",
                 topic,
                 f"{staleness} versions behind (max {self.rounds_config.max_staleness})",
             )
             return
-        lr = self.rounds_config.server_lr if self.fedbuff is not None else 1.0
-        delta = self._delta_of(envelope, topic, lr)
+        delta = self._delta_of(envelope, topic, self.strategy.step_scale)
         if delta is None:
             return
         update = self._update(envelope, delta)
         seconds = time.monotonic() - self._started
-        if self.fedasync is not None:
-            weight = self.fedasync.weight(staleness)
-            self.model = self.fedasync.step(self.model, base, delta, staleness)
-            self._folded_now([update])
-            self.report.accept(Arrival(seconds, child, staleness, weight), update.update_id)
-            await self._stepped(1)
-            return
-        assert self.fedbuff is not None
-        weight = self.fedbuff.add(update, staleness)
+        weight = self.strategy.weight(staleness)
+        stepped = self.strategy.take(self.model, update, staleness)
         self.report.accept(Arrival(seconds, child, staleness, weight), update.update_id)
         self._buffered.append(_without_tensors(update))
-        if self.fedbuff.full:
-            self.model = self.fedbuff.step(self.model)
-            self._folded_now(self._buffered)
-            self._buffered = []
-            await self._stepped(self.fedbuff.buffer_size)
+        if stepped is not None:
+            self.model = stepped
+            folded, self._buffered = self._buffered, []
+            self._folded_now(folded)
+            await self._stepped(len(folded))
 
     def _folded_now(self, updates: list[Update]) -> None:
-        self._updates_unreported += len(updates)
-        self._examples_unreported += sum(u.num_examples for u in updates)
+        self.ledger.fold(len(updates), sum(u.num_examples for u in updates))
         self._folded_updates.extend(_without_tensors(u) for u in updates)
 
     async def _stepped(self, updates: int) -> None:
@@ -162,11 +138,11 @@ class AsyncAggregator(AggregatorBase):
     # --- reporting up ---------------------------------------------------------------------------
 
     def _report_due(self) -> bool:
-        if self.is_root or self._updates_unreported == 0 or self.parent_version is None:
+        if self.is_root or self.ledger.updates == 0 or not self.ledger.based:
             return False
-        if self._sent is not None:
+        if self.ledger.awaiting_verdict:
             return False  # a synchronous parent takes one report per version
-        by_count = self.report_every is not None and self._updates_unreported >= self.report_every
+        by_count = self.report_every is not None and self.ledger.updates >= self.report_every
         every_s = self.rounds_config.report_every_s
         by_time = every_s is not None and time.monotonic() - self._last_report >= every_s
         return by_count or by_time
@@ -186,10 +162,24 @@ class AsyncAggregator(AggregatorBase):
         return max(0.0, self._last_report + every_s - time.monotonic())
 
     async def _on_timer(self) -> None:
-        if self._updates_unreported == 0 or self._sent is not None:
+        if self.ledger.updates == 0 or self.ledger.awaiting_verdict:
             self._last_report = time.monotonic()  # nothing to send: the next period starts
             return
         await self._maybe_report()
+
+
+def async_strategy(config: RoundConfig) -> AsyncStrategy:
+    """The asynchronous strategy a level's config asks for."""
+    if config.mode == "fedasync":
+        return FedAsync(config.mixing, config.staleness_function(), config.max_staleness)
+    if config.mode == "fedbuff":
+        return FedBuff(
+            config.buffer_size,
+            config.staleness_function(),
+            config.server_lr,
+            weight_by_examples=config.weight_by_examples,
+        )
+    raise ValueError(f"mode {config.mode!r} is not asynchronous")
 
 
 def _without_tensors(update: Update) -> Update:

@@ -219,7 +219,7 @@ class SubtreeAggregator(Aggregator):
         if loss is not None:
             metrics["loss"] = loss
         result = CycleResult(
-            await self.current_model(), min(self._examples_unreported, _MAX_EXAMPLES), metrics
+            await self.current_model(), min(self.ledger.examples, _MAX_EXAMPLES), metrics
         )
         self._log.info(
             "cycle done: answering the Flower parent",

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hfl_mqtt.aggregation.base import Model
 from hfl_mqtt.codec import (
     Compressor,
     Envelope,
@@ -29,7 +28,6 @@ __all__ = [
     "parse_ctl",
     "parse_status",
     "status_payload",
-    "subtract",
 ]
 
 STOP = json.dumps({"cmd": "stop"}).encode()
@@ -97,11 +95,6 @@ def decode_from(payload: bytes, *, kind: str, sender: str, federation: str) -> E
     if header.federation != federation:
         raise SchemaError("header.federation", f"{header.federation!r} is not {federation!r}")
     return envelope
-
-
-def subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> Model:
-    """``new - old`` per tensor, in float32 for float tensors."""
-    return {k: np.subtract(new[k], old[k], dtype=np.result_type(new[k], old[k])) for k in new}
 
 
 class RecentIds:

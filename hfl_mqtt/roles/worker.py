@@ -33,7 +33,7 @@ from typing import Literal, Protocol
 import numpy as np
 import structlog
 
-from hfl_mqtt.aggregation.base import Model
+from hfl_mqtt.aggregation.base import Model, subtract
 from hfl_mqtt.codec import Compressor, Envelope, ModelSpec, decode_envelope
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError
@@ -44,7 +44,6 @@ from hfl_mqtt.roles.messages import (
     new_update_id,
     parse_ctl,
     status_payload,
-    subtract,
 )
 from hfl_mqtt.roles.report import NodeReport, reject_reason
 from hfl_mqtt.tasks.base import RoundAware, Task, TrainResult
