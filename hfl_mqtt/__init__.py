@@ -1,9 +1,10 @@
 """hfl-mqtt: hierarchical federated learning over MQTT.
 
 The public API: a worker embedded in your own program (``Worker.connect``), a node run from
-its config (``load_node``, ``run_node``), the ``Task`` plug-in interface, and the exception
-tree (``hfl_mqtt.errors``). ``import hfl_mqtt`` is light: it loads the errors only, and the rest
-(pydantic, numpy, the MQTT client) when first used.
+its config (``load_node``, ``run_node``), the ``Task`` plug-in interface, a model the root kept
+(``load_model``, hfl_mqtt/registry.py), and the exception tree (``hfl_mqtt.errors``).
+``import hfl_mqtt`` is light: it loads the errors only, and the rest (pydantic, numpy, the MQTT
+client) when first used.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hfl_mqtt.errors import (
     FlowerParentError,
     FrameError,
     HflError,
+    ModelFileError,
     ModelMismatchError,
     NonFiniteError,
     PublishRefusedError,
@@ -37,6 +39,7 @@ from hfl_mqtt.errors import (
 if TYPE_CHECKING:
     from hfl_mqtt.api import Worker
     from hfl_mqtt.config import BrokerAddress, NodeConfig, TlsConfig, load_node
+    from hfl_mqtt.registry import ModelCard, load_model
     from hfl_mqtt.roles.node import run_node
     from hfl_mqtt.roles.report import NodeReport
     from hfl_mqtt.tasks.base import EvalResult, Task, TrainConfig, TrainResult
@@ -53,6 +56,8 @@ _LAZY = {
     "TrainConfig": "hfl_mqtt.tasks.base",
     "TrainResult": "hfl_mqtt.tasks.base",
     "Worker": "hfl_mqtt.api",
+    "ModelCard": "hfl_mqtt.registry",
+    "load_model": "hfl_mqtt.registry",
     "load_node": "hfl_mqtt.config",
     "run_node": "hfl_mqtt.roles.node",
 }
@@ -72,6 +77,8 @@ __all__ = [
     "FlowerParentError",
     "FrameError",
     "HflError",
+    "ModelCard",
+    "ModelFileError",
     "ModelMismatchError",
     "NodeConfig",
     "NodeReport",
@@ -89,6 +96,7 @@ __all__ = [
     "UnsupportedError",
     "Worker",
     "__version__",
+    "load_model",
     "load_node",
     "run_node",
 ]

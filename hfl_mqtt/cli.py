@@ -8,6 +8,8 @@
 - ``hfl-mqtt demo``: a small 3-level federation on digits, no arguments needed.
 - ``hfl-mqtt plan FEDERATION.yaml --out DIR``: everything a fleet needs (node configs, brokers
   with passwords and ACLs, with ``--tls`` a CA and certificates, START.md); hfl_mqtt/plan.py.
+- ``hfl-mqtt export MODEL --format torch|flower|npz --out FILE``: a model the root kept, for
+  other tools (hfl_mqtt/export.py, docs/registry.md).
 """
 
 from __future__ import annotations
@@ -97,6 +99,22 @@ def _parser() -> argparse.ArgumentParser:
         "mosquitto)",
     )
     plan.add_argument("--force", action="store_true", help="replace the plan in a non-empty DIR")
+    export = commands.add_parser("export", help="write a model the root kept for other tools")
+    export.add_argument(
+        "model", type=Path, help="a registry directory, a .safetensors model or its .json card"
+    )
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=("torch", "flower", "npz"),
+        help="a torch state_dict, a Flower ArrayRecord, or npz",
+    )
+    export.add_argument("--out", required=True, type=Path, help="the file to write")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="this version of a registry directory")
+    which.add_argument(
+        "--latest", action="store_true", help="the newest of a registry directory (default: best)"
+    )
     return parser
 
 
@@ -170,6 +188,24 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from hfl_mqtt.export import export
+
+    try:
+        card = export(args.model, args.format, args.out, version=args.version, latest=args.latest)
+    except ImportError as exc:  # the message names the extra to install
+        print(f"hfl-mqtt: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"hfl-mqtt: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out} ({args.format}): version {card.version}, round {card.round}, "
+        f"accuracy {card.accuracy:.4f}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -185,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "sim":
             return _simulate(load_federation(args.config), args.out, args.processes, args.verbose)
         return _simulate(DEMO, args.out, None, args.verbose)

@@ -18,6 +18,7 @@ Every exception the project raises on purpose is an ``HflError``::
     ├── TaskError              a training task, its settings or its weights are invalid (ValueError)
     ├── BrokerError            a private Mosquitto broker (hfl_mqtt.brokers) failed to start or run
     ├── FlowerParentError      the Flower server above an aggregator failed, went away or sent junk
+    ├── ModelFileError         a registry's model file or card is missing, unreadable or corrupt
     └── TransportError         the MQTT link failed (the client library's errors, translated once)
         ├── AuthenticationError    the broker refused us for good: credentials, authorization, TLS
         ├── PublishRefusedError    the broker refused a publish (MQTT 5 PUBACK reason, e.g. 135)
@@ -56,6 +57,7 @@ __all__ = [
     "FlowerParentError",
     "FrameError",
     "HflError",
+    "ModelFileError",
     "ModelMismatchError",
     "NonFiniteError",
     "PublishRefusedError",
@@ -130,6 +132,12 @@ class ConfigError(HflError, ValueError):
 
 class TaskError(HflError, ValueError):
     """A training task, its configuration or its weights are invalid."""
+
+
+class ModelFileError(HflError):
+    """A model of the registry (``hfl_mqtt.registry``) cannot be used: its ``.safetensors`` file
+    or ``.json`` card is missing, unreadable, corrupt or not an hfl-mqtt model. The message names
+    the file."""
 
 
 class FlowerParentError(HflError):

@@ -1,0 +1,102 @@
+"""``hfl-mqtt export``: a model of the registry in a format other tools load.
+
+- ``torch``: a ``state_dict`` (tensor names as the model's, e.g. ``fc1.weight``) written with
+  ``torch.save``; ``torch.load(path, weights_only=True)`` reads it and ``load_state_dict`` puts it
+  into the task's torch model. Needs the ``torch`` extra.
+- ``flower``: a Flower ``ArrayRecord`` (one ``numpy.ndarray`` ``Array`` per tensor, keyed by name),
+  serialized as Flower's own protobuf message ``flwr.proto.recorddict_pb2.ArrayRecord``, the
+  form it takes inside Flower's messages; ``read_flower`` reads it back. Needs the ``flower``
+  extra.
+- ``npz``: what ``np.savez`` writes, the tensor names as keys (``np.load(path)[name]``).
+
+Files are written atomically, at exactly the path given.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import numpy as np
+
+from hfl_mqtt.aggregation.base import Model
+from hfl_mqtt.registry import ModelCard, atomic_write, load_model
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+__all__ = ["FORMATS", "ExportFormat", "encode", "export", "read_flower"]
+
+ExportFormat = Literal["torch", "flower", "npz"]
+FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+
+
+@contextmanager
+def _extra(extra: str, fmt: str) -> Iterator[None]:
+    """Turn a failed import of an optional dependency into a message saying what to install."""
+    try:
+        yield
+    except ImportError as exc:
+        raise ImportError(
+            f"{exc.name or 'a dependency'} is not installed, and exporting to {fmt} needs it: "
+            f"pip install 'hfl-mqtt[{extra}]'"
+        ) from exc
+
+
+def encode(model: Model, fmt: ExportFormat) -> bytes:
+    """The bytes of ``model`` in the format ``fmt``."""
+    buffer = io.BytesIO()
+    if fmt == "torch":
+        with _extra("torch", "torch"):
+            import torch
+
+        state_dict = {name: torch.from_numpy(np.array(a)) for name, a in model.items()}
+        torch.save(state_dict, buffer)
+        return buffer.getvalue()
+    if fmt == "flower":
+        with _extra("flower", "flower"):
+            from flwr.common.serde import array_record_to_proto
+
+            from hfl_mqtt.codec.flower import arrays_to_array_record
+
+            record = arrays_to_array_record(model, "npy")
+            return bytes(array_record_to_proto(record).SerializeToString())
+    if fmt == "npz":
+        # np.savez's layout (one uncompressed NAME.npy member per tensor), written here because
+        # np.savez takes the names as keyword arguments, where "file" would collide.
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for name, array in model.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+        return buffer.getvalue()
+    raise ValueError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
+
+
+def export(
+    source: Path,
+    fmt: ExportFormat,
+    out: Path,
+    *,
+    version: int | None = None,
+    latest: bool = False,
+) -> ModelCard:
+    """Write the model at ``source`` (see ``load_model``) to ``out`` in ``fmt``; its card."""
+    model, card = load_model(source, version=version, latest=latest)
+    data = encode(model, fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, data)
+    return card
+
+
+def read_flower(path: Path) -> ArrayRecord:
+    """The ``ArrayRecord`` of a file written by ``export(..., "flower", ...)``."""
+    with _extra("flower", "flower"):
+        from flwr.common.serde import array_record_from_proto
+        from flwr.proto.recorddict_pb2 import ArrayRecord as ArrayRecordProto
+
+    record: ArrayRecord = array_record_from_proto(ArrayRecordProto.FromString(path.read_bytes()))
+    return record
