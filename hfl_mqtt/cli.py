@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         help="a node's YAML file; several (repeated, or after one --config) run in one process",
     )
     run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: remove the aggregators' checkpoints instead of resuming from them",
+    )
+    run.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
         help="console (default) or json: one JSON object per line, for journald "
@@ -74,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("config", type=Path, help="the federation's YAML file")
     sim.add_argument("--out", required=True, type=Path, help="directory for the results")
     sim.add_argument("--processes", type=int, help="worker processes (default: one per core)")
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="go on from the aggregators' checkpoints of an earlier run's --out DIR",
+    )
     demo = commands.add_parser("demo", help="a small 3-level federation on digits")
     demo.add_argument("--out", type=Path, default=Path("hfl-demo"), help="default: hfl-demo/")
     plan = commands.add_parser("plan", help="write a fleet's node configs, brokers and secrets")
@@ -122,13 +133,26 @@ def _log_level(verbose: int) -> int:
     return [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
 
 
-def _simulate(config: FederationConfig, out: Path, processes: int | None, verbose: int) -> int:
+def _simulate(
+    config: FederationConfig,
+    out: Path,
+    processes: int | None,
+    verbose: int,
+    resume: Path | None,
+) -> int:
     from hfl_mqtt.sim import Progress, simulate
 
     root = config.levels[0]
     progress = Progress(root.rounds, max_seconds=root.max_seconds)
     summary = asyncio.run(
-        simulate(config, out, progress=progress, processes=processes, log_level=_log_level(verbose))
+        simulate(
+            config,
+            out,
+            progress=progress,
+            processes=processes,
+            log_level=_log_level(verbose),
+            resume=resume,
+        )
     )
     brief = {k: summary[k] for k in ("final_accuracy", "global_rounds", "wall_seconds", "bytes")}
     brief["staleness"] = {
@@ -141,19 +165,23 @@ def _simulate(config: FederationConfig, out: Path, processes: int | None, verbos
     return 0
 
 
-async def _run_nodes(configs: list[NodeConfig], signals: SignalStop) -> list[NodeOutcome]:
+async def _run_nodes(
+    configs: list[NodeConfig], signals: SignalStop, fresh: bool
+) -> list[NodeOutcome]:
     with signals:
-        return await run_nodes(configs, stop=signals.stop)
+        return await run_nodes(
+            configs, stop=signals.stop, checkpoints="fresh" if fresh else "resume"
+        )
 
 
-def _run(paths: list[Path]) -> int:
+def _run(paths: list[Path], *, fresh: bool = False) -> int:
     """Run the nodes until they end; print their reports (one node: its report; several: a
     list, a failed node as ``{"node", "error"}``). 2 if any failed, 128 + signal if stopped
     hard by a second signal."""
     configs = [load_node(path) for path in paths]  # every file checked before anything starts
     signals = SignalStop(asyncio.Event())
     try:
-        outcomes = asyncio.run(_run_nodes(configs, signals))
+        outcomes = asyncio.run(_run_nodes(configs, signals, fresh))
     except asyncio.CancelledError:
         if not signals.signals:
             raise
@@ -218,14 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(_log_level(args.verbose + (1 if args.command == "run" else 0)), log_format)
     try:
         if args.command == "run":
-            return _run(args.config)
+            return _run(args.config, fresh=args.fresh)
         if args.command == "plan":
             return _plan(args)
         if args.command == "export":
             return _export(args)
         if args.command == "sim":
-            return _simulate(load_federation(args.config), args.out, args.processes, args.verbose)
-        return _simulate(DEMO, args.out, None, args.verbose)
+            return _simulate(
+                load_federation(args.config), args.out, args.processes, args.verbose, args.resume
+            )
+        return _simulate(DEMO, args.out, None, args.verbose, None)
     except HflError as exc:
         print(f"hfl-mqtt: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

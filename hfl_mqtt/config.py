@@ -209,6 +209,12 @@ class RoundConfig(_Frozen):
     flower_strategy: FlowerStrategyConfig | None = None
     """sync: aggregate with a Flower strategy instead of FedAvg: ``name`` (in
     ``flwr.server.strategy``) or ``class`` (``module:Class``), and ``options``."""
+    checkpoint_every: Count = 1
+    """Write a checkpoint before publishing every this many model versions (and after every
+    report up, and at a clean stop); a resume from a checkpoint between two such versions goes
+    on at a version beyond them. See docs/durability.md."""
+    keep_models: Annotated[int, Field(ge=0)] = 5
+    """At the root: the last this many evaluated models kept in ``models/`` (and the best)."""
 
     @model_validator(mode="after")
     def _flower_strategy_fits(self) -> RoundConfig:
@@ -431,6 +437,10 @@ class NodeConfig(_Frozen):
     chunk_size: Annotated[int, Field(ge=1024)] = 1 << 20
     device: DeviceConfig | None = None
     """A worker's simulated device (slower compute and link, dropouts); None: as it is."""
+    state_dir: ConfigPath | None = None
+    """An aggregator's checkpoints (and, at the root, its models); default: under
+    ``$HFL_MQTT_STATE_DIR``, systemd's ``$STATE_DIRECTORY`` or ``~/.local/state/hfl-mqtt``, in
+    ``{federation}/{node}``."""
 
     @model_validator(mode="after")
     def _has_a_link(self, info: ValidationInfo) -> NodeConfig:

@@ -18,6 +18,7 @@ Every exception the project raises on purpose is an ``HflError``::
     ├── TaskError              a training task, its settings or its weights are invalid (ValueError)
     ├── BrokerError            a private Mosquitto broker (hfl_mqtt.brokers) failed to start or run
     ├── FlowerParentError      the Flower server above an aggregator failed, went away or sent junk
+    ├── CheckpointError        a node's checkpoint is unreadable, or belongs to another config
     ├── ModelFileError         a registry's model file or card is missing, unreadable or corrupt
     └── TransportError         the MQTT link failed (the client library's errors, translated once)
         ├── AuthenticationError    the broker refused us for good: credentials, authorization, TLS
@@ -48,6 +49,7 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "BrokerError",
+    "CheckpointError",
     "ChunkError",
     "CodecSpecError",
     "ConfigError",
@@ -132,6 +134,11 @@ class ConfigError(HflError, ValueError):
 
 class TaskError(HflError, ValueError):
     """A training task, its configuration or its weights are invalid."""
+
+
+class CheckpointError(HflError):
+    """A checkpoint that cannot be resumed from: unreadable, corrupt, of another format, or of
+    a node whose config has changed since (``hfl-mqtt run --fresh`` starts over)."""
 
 
 class ModelFileError(HflError):

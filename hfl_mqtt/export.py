@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Literal, get_args
 import numpy as np
 
 from hfl_mqtt.aggregation.base import Model
-from hfl_mqtt.registry import ModelCard, atomic_write, load_model
+from hfl_mqtt.files import atomic_write
+from hfl_mqtt.registry import ModelCard, load_model
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord

@@ -23,10 +23,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,13 +36,13 @@ import structlog
 
 from hfl_mqtt.aggregation.base import Model
 from hfl_mqtt.errors import EncodeError, ModelFileError
+from hfl_mqtt.files import atomic_write
 
 __all__ = [
     "CARD_FORMAT",
     "ModelCard",
     "ModelRegistry",
     "TensorInfo",
-    "atomic_write",
     "load_model",
     "read_cards",
 ]
@@ -173,30 +171,6 @@ def _parse_card(data: object) -> ModelCard:
         file=file,
         sha256=string("sha256"),
     )
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: a temporary file in the same directory, fsynced, renamed over
-    ``path``, then the directory fsynced. A crash leaves the old file or the new one."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_cards(directory: Path) -> list[ModelCard]:

@@ -26,7 +26,7 @@ import structlog
 
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import ConfigError, HflError
-from hfl_mqtt.roles.node import LinkFactory, run_node
+from hfl_mqtt.roles.node import Checkpoints, LinkFactory, run_node
 from hfl_mqtt.roles.report import NodeReport
 
 __all__ = ["STOP_SIGNALS", "NodeOutcome", "SignalStop", "run_nodes"]
@@ -56,6 +56,7 @@ async def run_nodes(
     *,
     stop: asyncio.Event | None = None,
     links: LinkFactory | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> list[NodeOutcome]:
     """Run every node until it ends (or ``stop`` is set); one outcome per config, in order.
 
@@ -70,7 +71,7 @@ async def run_nodes(
 
     async def one(config: NodeConfig) -> NodeOutcome:
         try:
-            report = await run_node(config, links=links, stop=stop)
+            report = await run_node(config, links=links, stop=stop, checkpoints=checkpoints)
         except Exception as exc:  # reported with the node's name; the other nodes go on
             if isinstance(exc, HflError):
                 log.error("node failed", node=config.node, error=f"{type(exc).__name__}: {exc}")

@@ -34,12 +34,12 @@ from hfl_mqtt.brokers import (
 )
 from hfl_mqtt.config import BrokerAddress, FederationConfig, NodeConfig
 from hfl_mqtt.embedded import EmbeddedBroker, embedded_available
-from hfl_mqtt.errors import BrokerError, TransportError
+from hfl_mqtt.errors import BrokerError, CheckpointError, TransportError
 from hfl_mqtt.linkmeter import LinkMeter
 from hfl_mqtt.logs import configure_logging
 from hfl_mqtt.roles.aggregator import EventCallback
 from hfl_mqtt.roles.messages import STOP
-from hfl_mqtt.roles.node import run_node
+from hfl_mqtt.roles.node import Checkpoints, run_node
 from hfl_mqtt.roles.report import NodeReport
 from hfl_mqtt.telemetry import load_pyplot, plot_staleness, staleness_summary
 from hfl_mqtt.topics import ctl_topic
@@ -273,7 +273,11 @@ def _level_totals(
 
 
 async def _run_nodes(
-    nodes: list[NodeConfig], groups: int, log_level: int, on_event: EventCallback
+    nodes: list[NodeConfig],
+    groups: int,
+    log_level: int,
+    on_event: EventCallback,
+    checkpoints: Checkpoints,
 ) -> tuple[list[NodeReport], list[dict[str, Any]]]:
     """Run the aggregators here and the workers in ``groups`` processes, until all have ended
     (or one has failed: then the others are stopped)."""
@@ -290,7 +294,8 @@ async def _run_nodes(
             for share in shares
         ]
         aggregator_tasks = [
-            asyncio.ensure_future(run_node(n, on_event=on_event)) for n in aggregators
+            asyncio.ensure_future(run_node(n, on_event=on_event, checkpoints=checkpoints))
+            for n in aggregators
         ]
         aggregator_runs = asyncio.gather(*aggregator_tasks)
         workers_done = asyncio.gather(*worker_runs, return_exceptions=True)
@@ -323,8 +328,13 @@ async def simulate(
     processes: int | None = None,
     log_level: int = logging.WARNING,
     meter_links: bool = False,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` to the end; write ``out/summary.json``, ``metrics.jsonl``, the plot.
+
+    The aggregators checkpoint into ``out/state/{node}``. With ``resume`` (an earlier run's
+    ``out``), they go on from that run's checkpoints (``CheckpointError`` if they belong to
+    another config); the workers start afresh, as restarted devices would.
 
     With ``meter_links``, the bytes crossing each network link are measured on the wire by
     byte-counting proxies (``hfl_mqtt.linkmeter``): ``links`` in the summary, and
@@ -337,6 +347,12 @@ async def simulate(
     # and sessions to this one.
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir()
+    state = out / "state"
+    if resume is not None and resume.resolve() != out.resolve():
+        if not (resume / "state").is_dir():
+            raise CheckpointError(f"{resume} holds no checkpoints (no {resume / 'state'})")
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.copytree(resume / "state", state)
     metrics_path = out / "metrics.jsonl"
     events: list[dict[str, Any]] = []
     meters: dict[str, LinkMeter] | None = {} if meter_links else None
@@ -344,7 +360,10 @@ async def simulate(
         _brokers(config, workdir, progress, meters) as brokers,
         metrics_path.open("w") as metrics_file,
     ):
-        nodes = config.node_configs(brokers)
+        nodes = [
+            n if n.role == "worker" else n.model_copy(update={"state_dir": state / n.node})
+            for n in config.node_configs(brokers)
+        ]
         if meters is not None:
             nodes = _through_meters(config, nodes, brokers, meters)
         workers = [n for n in nodes if n.role == "worker"]
@@ -367,7 +386,9 @@ async def simulate(
             if progress is not None:
                 progress.round(event)
 
-        aggregator_reports, worker_reports = await _run_nodes(nodes, groups, log_level, on_event)
+        aggregator_reports, worker_reports = await _run_nodes(
+            nodes, groups, log_level, on_event, "fresh" if resume is None else "resume"
+        )
         links = {
             name: {"up": c.up, "down": c.down, "connections": c.connections}
             for name, c in ((name, m.counts()) for name, m in (meters or {}).items())

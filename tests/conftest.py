@@ -30,6 +30,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's nodes (and the processes it starts) keep their checkpoints apart: a node
+    run by ``hfl-mqtt run`` resumes from its state directory by default."""
+    directory = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("HFL_MQTT_STATE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture
 def start_broker(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
     """Start private Mosquitto brokers (free port, own workdir under tmp_path); all are stopped

@@ -16,7 +16,8 @@ import pytest
 from hfl_mqtt.cli import main
 from hfl_mqtt.errors import EncodeError, HflError, ModelFileError
 from hfl_mqtt.export import encode, export, read_flower
-from hfl_mqtt.registry import ModelCard, ModelRegistry, atomic_write, load_model
+from hfl_mqtt.files import atomic_write
+from hfl_mqtt.registry import ModelCard, ModelRegistry, load_model
 from hfl_mqtt.tasks.numpy_models import init_params
 
 LAYERS = [64, 16, 10]

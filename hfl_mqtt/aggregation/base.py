@@ -12,8 +12,11 @@ __all__ = [
     "AsyncStrategy",
     "Model",
     "RoundStrategy",
+    "Stateful",
     "StreamingStrategy",
     "Update",
+    "load_strategy_state",
+    "strategy_state",
     "subtract",
 ]
 
@@ -96,3 +99,26 @@ class AsyncStrategy(Protocol):
     def load(self, values: Mapping[str, Any], models: Mapping[str, Model]) -> None:
         """Restore what ``state`` gave."""
         ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A strategy with state across rounds (a server optimizer's moments, say), which a
+    checkpoint keeps: plain values and named models."""
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Model]]: ...
+
+    def load(self, values: Mapping[str, Any], models: Mapping[str, Model]) -> None: ...
+
+
+def strategy_state(strategy: object) -> tuple[dict[str, Any], dict[str, Model]]:
+    """A strategy's state for a checkpoint (nothing for a stateless one)."""
+    return strategy.state() if isinstance(strategy, Stateful) else ({}, {})
+
+
+def load_strategy_state(
+    strategy: object, values: Mapping[str, Any], models: Mapping[str, Model]
+) -> None:
+    """Restore what ``strategy_state`` gave."""
+    if isinstance(strategy, Stateful):
+        strategy.load(values, models)

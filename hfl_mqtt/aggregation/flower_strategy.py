@@ -156,6 +156,8 @@ class FlowerStrategy:
         self.strategy: Any = None
         self.server_round = 0
         self.metrics: dict[str, Any] = {}
+        self._restore: dict[str, list[np.ndarray]] | None = None
+        """Array lists from a checkpoint, set on the strategy once it is built."""
         self._log = log.bind(strategy=label)
         if node is not None:
             self._log = self._log.bind(node=node)
@@ -201,6 +203,9 @@ class FlowerStrategy:
         current = _as_parameters(model, names)
         if self.strategy is None:
             self.strategy = self._make(current)
+            for name, arrays in (self._restore or {}).items():
+                setattr(self.strategy, name, arrays)
+            self._restore = None
         round_log = self._log.bind(round=self.server_round)
         if not updates:
             return _copy(model)
@@ -239,6 +244,29 @@ class FlowerStrategy:
         except NonFiniteError as exc:
             round_log.error("the strategy's model has NaN or Inf: the model stays", reason=str(exc))
             return _copy(model)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Model]]:
+        """The round number and the strategy's lists of arrays (a server optimizer's moments
+        and weights: FedAdam's ``m_t``, ``v_t``, ``current_weights``; FedAvgM's momentum)."""
+        models: dict[str, Model] = {}
+        if self.strategy is not None:
+            for name, value in vars(self.strategy).items():
+                if (
+                    isinstance(value, list)
+                    and value
+                    and all(isinstance(v, np.ndarray) for v in value)
+                ):
+                    models[name] = {str(i): v for i, v in enumerate(value)}
+        elif self._restore:
+            models = {k: {str(i): v for i, v in enumerate(a)} for k, a in self._restore.items()}
+        return {"server_round": self.server_round}, models
+
+    def load(self, values: Mapping[str, Any], models: Mapping[str, Model]) -> None:
+        """Restore what ``state`` gave (set on the strategy when it is built)."""
+        self.server_round = int(values["server_round"])
+        self._restore = {
+            name: [group[str(i)] for i in range(len(group))] for name, group in models.items()
+        }
 
 
 def _copy(model: Mapping[str, np.ndarray]) -> Model:

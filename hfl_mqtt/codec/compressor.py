@@ -8,6 +8,7 @@ left out of earlier sends is added to the next one, so nothing is lost for good,
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -121,3 +122,12 @@ class Compressor:
     def reset(self) -> None:
         """Forget all residuals (for example after the model was replaced)."""
         self._residuals.clear()
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The random generator's state and the residuals (for a checkpoint)."""
+        return {"rng": self._rng.bit_generator.state}, dict(self._residuals)
+
+    def load(self, values: Mapping[str, Any], residuals: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``state`` gave."""
+        self._rng.bit_generator.state = dict(values["rng"])
+        self._residuals = dict(residuals)

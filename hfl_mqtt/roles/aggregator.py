@@ -19,9 +19,19 @@ bytes, wrong shapes, NaN - each is refused, counted by reason and logged.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
-from hfl_mqtt.aggregation.base import Model, RoundStrategy, StreamingStrategy, Update
+from hfl_mqtt.aggregation.base import (
+    Model,
+    RoundStrategy,
+    StreamingStrategy,
+    Update,
+    load_strategy_state,
+    strategy_state,
+)
 from hfl_mqtt.aggregation.fedavg import FedAvg
+from hfl_mqtt.checkpoint import NodeState
 from hfl_mqtt.codec import Envelope, Header
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
@@ -44,8 +54,16 @@ class Aggregator(AggregatorBase):
         evaluator: Task | None = None,
         strategy: RoundStrategy | None = None,
         on_event: EventCallback | None = None,
+        state: NodeState | None = None,
     ) -> None:
-        super().__init__(config, down, up, evaluator=evaluator, on_event=on_event)
+        super().__init__(
+            config,
+            down,
+            up,
+            evaluator=evaluator,
+            on_event=on_event,
+            state=state,
+        )
         self.strategy: RoundStrategy = strategy or FedAvg(self.rounds_config.server_lr)
         self._streaming = self.strategy if isinstance(self.strategy, StreamingStrategy) else None
         self._collecting: dict[str, Update] | None = None
@@ -88,16 +106,77 @@ class Aggregator(AggregatorBase):
 
     # --- rounds ---------------------------------------------------------------------------------
 
-    async def _start_round(self) -> None:
+    async def _start_round(self, republish: bytes | None = None) -> None:
+        """Open a round on a new version (or on the current one, published again)."""
         assert self.model is not None
-        await self._publish_model(
-            {"round": self.report.rounds + 1, **self.participants_metric(self._last_participants)}
-        )
-        self._collecting = {}
+        self._collecting = {}  # open first: a checkpoint made as the version goes out says so
         if self._streaming is not None:
             self._streaming.start(self.model)
+        if republish is not None:
+            await self._republish(republish)
+        else:
+            await self._publish_model(
+                {
+                    "round": self.report.rounds + 1,
+                    **self.participants_metric(self._last_participants),
+                }
+            )
         self._deadline = time.monotonic() + self.rounds_config.deadline_s
         self._deadline_logged = False
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _mode_state(self) -> tuple[dict[str, Any], dict[str, Model], set[str]]:
+        values: dict[str, Any] = {
+            "collecting": self._collecting is not None,
+            "cycle_round": self._cycle_round,
+            "last_participants": self._last_participants,
+            "next_parent": None,
+        }
+        models: dict[str, Model] = {}
+        if self._next_parent is not None:
+            model, header = self._next_parent
+            values["next_parent"] = [header.version, header.metrics.get("participants")]
+            models["next_parent"] = model
+        values["strategy"], strategy_models = strategy_state(self.strategy)
+        models |= {f"strategy.{k}": v for k, v in strategy_models.items()}
+        # A round's updates are not checkpointed: their senders may send them again.
+        collected = {u.update_id for u in (self._collecting or {}).values()}
+        return values, models, collected
+
+    async def _resumed(
+        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bytes | None
+    ) -> None:
+        self._cycle_round = int(values["cycle_round"])
+        self._last_participants = list(values["last_participants"])
+        if values["next_parent"] is not None:
+            version, participants = values["next_parent"]
+            metrics = {} if participants is None else {"participants": participants}
+            header = Header(
+                federation=self.config.federation,
+                sender=self.config.upstream.parent if self.config.upstream else "",
+                kind="model",
+                version=version,
+                metrics=metrics,
+            )
+            self._next_parent = (models["next_parent"], header)
+        prefix = "strategy."
+        load_strategy_state(
+            self.strategy,
+            values["strategy"],
+            {k[len(prefix) :]: v for k, v in models.items() if k.startswith(prefix)},
+        )
+        if self.is_root and self.report.rounds >= self.rounds_config.rounds:
+            self._log.info("the checkpoint is of a finished run: stopping")
+            await self._finish()
+        elif values["collecting"]:
+            await self._start_round(republish)  # x is the model of the version published
+        elif self.is_root:
+            await self._start_round()  # x is a closed round's result: a new version
+        elif republish is not None:
+            # Waiting for the parent with a closed cycle's result: the children get their
+            # version again (what they send again is refused as a duplicate).
+            await self._republish(republish)
 
     async def _accept(self, child: str, envelope: Envelope, topic: str) -> None:
         header = envelope.header

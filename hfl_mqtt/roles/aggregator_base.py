@@ -16,6 +16,13 @@ report with its state: it is sent again (the parent drops a duplicate by update 
 
 A ``stop`` event set from outside (a signal) ends the node between two messages, without
 stopping its children: they wait for it to come back.
+
+With a ``NodeState`` (``checkpoint.py``) the node writes its state before publishing every
+``checkpoint_every``-th version, after every report up and at a clean stop, and a node given a
+checkpoint resumes from it (``_resume``; docs/durability.md): at the same version, with the
+same model message (its children re-send what the crash lost), or, if later versions may have
+been published since the checkpoint, at a version beyond them. The root also keeps its
+evaluated models in a ``ModelRegistry`` (``registry.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import structlog
 
 from hfl_mqtt.aggregation.base import Model, Update
 from hfl_mqtt.aggregation.ledger import UpstreamLedger
+from hfl_mqtt.checkpoint import Checkpoint, NodeState
 from hfl_mqtt.codec import Compressor, Envelope, Header, ModelSpec, parse_spec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError, TransportError
@@ -85,6 +93,7 @@ class AggregatorBase(ABC):
         *,
         evaluator: Task | None = None,
         on_event: EventCallback | None = None,
+        state: NodeState | None = None,
     ) -> None:
         if config.downstream is None:
             raise ValueError(f"aggregator {config.node} needs a downstream link")
@@ -126,6 +135,11 @@ class AggregatorBase(ABC):
         self._started = self.report.started
         max_seconds = config.downstream.max_seconds
         self._stop_at = self._started + max_seconds if self.is_root and max_seconds else None
+        self.checkpoints = state.store if state is not None else None
+        self.registry = state.registry if state is not None else None
+        self._resume_from = state.resume_from if state is not None else None
+        self._published: bytes | None = None
+        """The message of the current version (a checkpoint keeps it, to publish it again)."""
         self._finished = False
         self._log = log.bind(node=config.node, role=role)
 
@@ -154,6 +168,18 @@ class AggregatorBase(ABC):
     async def _children_changed(self) -> None:  # noqa: B027 (optional hook)
         """A child went offline."""
 
+    @abstractmethod
+    def _mode_state(self) -> tuple[dict[str, Any], dict[str, Model], set[str]]:
+        """The mode's own state for a checkpoint: values, models, and the ids of updates taken
+        but not yet in the model (which children must be allowed to send again)."""
+
+    @abstractmethod
+    async def _resumed(
+        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bytes | None
+    ) -> None:
+        """Restore the mode's state and go on: publish ``republish`` (the checkpointed
+        version's message) again, or, if None, a new version as the mode would."""
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> NodeReport:
@@ -179,6 +205,7 @@ class AggregatorBase(ABC):
             finally:
                 for pump in pumps:
                     pump.cancel()
+            await self._save_checkpoint(final=True)
         return self.report
 
     async def _pump(self, link: LinkBase) -> None:
@@ -195,7 +222,10 @@ class AggregatorBase(ABC):
         await self.post(leave)
 
     async def _loop(self) -> None:
-        if self.is_root:
+        if self._resume_from is not None:
+            await self._resume(self._resume_from)
+            self._resume_from = None
+        elif self.is_root:
             assert self.evaluator is not None
             self.model = await asyncio.to_thread(self.evaluator.get_weights)
             self.spec = ModelSpec.from_arrays(self.model)
@@ -323,6 +353,16 @@ class AggregatorBase(ABC):
             self._down_codec,
             metrics,
         )
+        self._published = payload
+        every = self.checkpoints.every if self.checkpoints is not None else 0
+        if every and self.version % every == 0:
+            await self._save_checkpoint()  # before it is out: a resume publishes it again
+        await self._republish(payload)
+
+    async def _republish(self, payload: bytes) -> None:
+        """Publish the current version's message (retained)."""
+        assert self.model is not None
+        self._published = payload
         await self.down.publish(
             model_topic(self.config.federation, self.config.node), payload, retain=True
         )
@@ -418,6 +458,8 @@ class AggregatorBase(ABC):
         self._untaken = (report.base_version, topic, payload)
         self.report.sent_ids.append(update_id)
         await self.up.publish(topic, payload)
+        if self.checkpoints is not None and self.checkpoints.every:
+            await self._save_checkpoint()  # the ledger moved: a resume must not report it again
 
     async def _resend_untaken(self, version: int) -> None:
         """The parent's model ``version`` came again: if our last report is against it, send
@@ -427,6 +469,79 @@ class AggregatorBase(ABC):
             self.report.resent += 1
             self._log.info("the parent's model came again: re-sending our report", version=version)
             await self.up.publish(topic, payload)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    async def _save_checkpoint(self, *, final: bool = False) -> None:
+        """Write the node's state (``CheckpointStore.save``, off the event loop); ``final``: at
+        a clean stop, when nothing was published after it."""
+        if self.checkpoints is None or self.model is None:
+            return
+        mode_values, mode_models, untaken_ids = self._mode_state()
+        ledger_values, ledger_models = self.ledger.state()
+        down_values, down_residuals = self._down_codec.state()
+        values: dict[str, Any] = {
+            "version": self.version,
+            "rounds": self.report.rounds,
+            "elapsed_s": time.monotonic() - self._started,
+            "final": final,
+            "every": self.checkpoints.every,
+            "seen": [i for i in self._seen.ids() if i not in untaken_ids],
+            "untaken": None if self._untaken is None else list(self._untaken[:2]),
+            "ledger": ledger_values,
+            "mode": mode_values,
+            "down_codec": down_values,
+            "evaluations": self.report.evaluations,
+        }
+        models: dict[str, Model] = {"model": self.model, "down_residuals": down_residuals}
+        models |= {f"ledger.{k}": v for k, v in ledger_models.items()}
+        models |= {f"mode.{k}": v for k, v in mode_models.items()}
+        if self._up_codec is not None:
+            values["up_codec"], models["up_residuals"] = self._up_codec.state()
+        blobs = {"published": self._published} if self._published is not None else {}
+        if self._untaken is not None:
+            blobs["untaken"] = self._untaken[2]
+        store = self.checkpoints
+        await asyncio.to_thread(store.save, values, models, **blobs)
+
+    async def _resume(self, checkpoint: Checkpoint) -> None:
+        """Go on from ``checkpoint``: the same version and message if nothing can have been
+        published after it, else a version beyond any that can."""
+        values, models = checkpoint.values, checkpoint.models
+
+        def group(prefix: str) -> dict[str, Model]:
+            return {k[len(prefix) :]: v for k, v in models.items() if k.startswith(prefix)}
+
+        self.model = dict(models["model"])
+        self.spec = ModelSpec.from_arrays(self.model)
+        self.version = int(values["version"])
+        self.report.rounds = int(values["rounds"])
+        self.report.evaluations = list(values["evaluations"])
+        elapsed = float(values["elapsed_s"])  # time budgets and event times run on
+        self._started -= elapsed
+        self.report.started -= elapsed
+        if self._stop_at is not None:
+            self._stop_at -= elapsed
+        self._seen = RecentIds(ids=values["seen"])
+        self.ledger.load(values["ledger"], group("ledger."))
+        self._down_codec.load(values["down_codec"], models["down_residuals"])
+        if self._up_codec is not None and "up_codec" in values:
+            self._up_codec.load(values["up_codec"], models["up_residuals"])
+        untaken, blob = values["untaken"], checkpoint.blobs.get("untaken")
+        if untaken is not None and blob is not None:
+            self._untaken = (int(untaken[0]), str(untaken[1]), blob)
+        every = int(values["every"])
+        republish = checkpoint.blobs.get("published")
+        if not (every == 1 or values["final"]):
+            self.version += max(every - 1, 0)  # versions published since: skip past them
+            republish = None
+        self._log.info(
+            "resuming from the checkpoint",
+            version=self.version,
+            rounds=self.report.rounds,
+            same_version=republish is not None,
+        )
+        await self._resumed(values["mode"], group("mode."), republish)
 
     # --- the root -------------------------------------------------------------------------------
 
@@ -456,6 +571,16 @@ class AggregatorBase(ABC):
             "tree_messages": tree_messages,
         }
         self.report.evaluations.append(event)
+        if self.registry is not None:
+            await asyncio.to_thread(
+                self.registry.record,
+                self.version,
+                model,
+                accuracy=result.accuracy,
+                loss=result.loss,
+                round=self.report.rounds,
+                seconds=event["seconds"],
+            )
         self._log.info(
             "global round",
             round=event["global_round"],

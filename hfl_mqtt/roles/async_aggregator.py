@@ -18,10 +18,13 @@ every ``eval_every`` versions and stops after ``rounds`` versions (or ``max_seco
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from hfl_mqtt.aggregation.base import AsyncStrategy, Model, Update
 from hfl_mqtt.aggregation.fedasync import FedAsync
 from hfl_mqtt.aggregation.fedbuff import FedBuff
+from hfl_mqtt.checkpoint import NodeState
 from hfl_mqtt.codec import Envelope, Header
 from hfl_mqtt.config import NodeConfig, RoundConfig
 from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
@@ -43,8 +46,16 @@ class AsyncAggregator(AggregatorBase):
         *,
         evaluator: Task | None = None,
         on_event: EventCallback | None = None,
+        state: NodeState | None = None,
     ) -> None:
-        super().__init__(config, down, up, evaluator=evaluator, on_event=on_event)
+        super().__init__(
+            config,
+            down,
+            up,
+            evaluator=evaluator,
+            on_event=on_event,
+            state=state,
+        )
         rc = self.rounds_config
         if not rc.is_async:
             raise ValueError(f"{config.node}: mode {rc.mode!r} is not asynchronous")
@@ -81,6 +92,33 @@ class AsyncAggregator(AggregatorBase):
             )
         await self._new_version({})
         await self._maybe_report()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _mode_state(self) -> tuple[dict[str, Any], dict[str, Model], set[str]]:
+        values, models = self.strategy.state()
+        held = [[u.sender, u.base_version, u.num_examples, u.update_id] for u in self._buffered]
+        return {"strategy": values, "buffered": held}, models, set()
+
+    async def _resumed(
+        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bytes | None
+    ) -> None:
+        self.strategy.load(values["strategy"], models)
+        self._buffered = [
+            Update(sender, int(base), {}, int(examples), update_id)
+            for sender, base, examples, update_id in values["buffered"]
+        ]
+        rounds, evaluations = self.report.rounds, self.report.evaluations
+        due = self.is_root and rounds > 0 and rounds % self.rounds_config.eval_every == 0
+        if due and (not evaluations or evaluations[-1]["global_round"] != rounds):
+            await self._evaluate(0, 0)  # the checkpoint went out before the evaluation
+        if self.is_root and self.report.rounds >= self.rounds_config.rounds:
+            self._log.info("the checkpoint is of a finished run: stopping")
+            await self._finish()
+        elif republish is not None:
+            await self._republish(republish)
+        elif self.model is not None:
+            await self._new_version({})
 
     # --- updates --------------------------------------------------------------------------------
 

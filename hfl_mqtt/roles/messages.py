@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -100,10 +100,16 @@ def decode_from(payload: bytes, *, kind: str, sender: str, federation: str) -> E
 class RecentIds:
     """The last ``size`` update ids seen: QoS 1 may deliver a message twice."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 4096, ids: Iterable[str] = ()) -> None:
         self._order: deque[str] = deque()
         self._ids: set[str] = set()
         self._size = size
+        for update_id in ids:
+            self.seen(update_id)
+
+    def ids(self) -> list[str]:
+        """The ids remembered, oldest first."""
+        return list(self._order)
 
     def known(self, update_id: str) -> bool:
         """True if ``update_id`` was seen before (without remembering it)."""

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from hfl_mqtt.aggregation.base import RoundStrategy
 from hfl_mqtt.aggregation.flower_strategy import FlowerStrategy
+from hfl_mqtt.checkpoint import CheckpointStore, NodeState
 from hfl_mqtt.config import NEEDS_PARTITION, BrokerAddress, NodeConfig
 from hfl_mqtt.errors import ConfigError
 from hfl_mqtt.roles.aggregator import Aggregator, EventCallback
@@ -31,7 +32,11 @@ from hfl_mqtt.topics import status_topic
 from hfl_mqtt.transport.base import LinkBase
 from hfl_mqtt.transport.mqtt import MqttLink
 
-__all__ = ["LinkFactory", "run_node"]
+__all__ = ["Checkpoints", "LinkFactory", "run_node"]
+
+Checkpoints = Literal["resume", "fresh", "off"]
+"""An aggregator's checkpoints: resume from the one in its state directory (if any), start
+over (removing it), or write none."""
 
 LinkFactory = Callable[[BrokerAddress, str, str | None], LinkBase]
 """Makes a link from a broker address, a client id and the status topic it owns (or None)."""
@@ -67,14 +72,19 @@ async def run_node(
     on_event: EventCallback | None = None,
     task: Task | None = None,
     stop: asyncio.Event | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> NodeReport:
     """Connect, serve in the node's role until told to stop (or done, at the root).
 
     ``task``: a worker's (or the root's) training task, instead of building it from
     ``config.task``. ``stop``: set it to end the node cleanly from outside (a signal): a
     delta being sent is sent, the status goes offline, and the children are not stopped.
+    ``checkpoints`` (aggregators): by default ``resume`` if the config names a ``state_dir``,
+    else ``off``; a checkpoint that cannot be resumed from fails here, before connecting
+    (``CheckpointError``).
     """
     make = links or mqtt_link_factory(config.chunk_size)
+    state = _node_state(config, checkpoints)
     status = status_topic(config.federation, config.node)
     strategy = round_strategy(config)  # before connecting: a bad one fails at once
     if config.role == "worker" and task is None and config.partition is None:
@@ -114,12 +124,37 @@ async def run_node(
         is_async = config.downstream is not None and config.downstream.is_async
         if is_async:
             return await AsyncAggregator(
-                config, down, up, evaluator=evaluator, on_event=on_event
+                config, down, up, evaluator=evaluator, on_event=on_event, state=state
             ).run(stop)
         return await Aggregator(
-            config, down, up, evaluator=evaluator, strategy=strategy, on_event=on_event
+            config, down, up, evaluator=evaluator, strategy=strategy, on_event=on_event, state=state
         ).run(stop)
     raise AssertionError("unreachable")
+
+
+def _node_state(config: NodeConfig, mode: Checkpoints | None) -> NodeState | None:
+    """An aggregator's checkpoints, the one to resume from, and the root's model registry."""
+    downstream = config.downstream
+    if mode is None:
+        mode = "resume" if config.state_dir is not None else "off"
+    # A Flower server above drives the cycles and keeps the state: nothing to resume here.
+    if mode == "off" or downstream is None or config.flower_parent is not None:
+        return None
+    store = CheckpointStore.for_node(config)
+    if mode == "fresh":
+        store.discard()
+    resume_from = store.load() if mode == "resume" else None
+    registry = None
+    if config.role == "root" and downstream.keep_models > 0:
+        from hfl_mqtt.registry import ModelRegistry
+
+        registry = ModelRegistry(
+            store.directory / "models",
+            keep_last=downstream.keep_models,
+            config_hash=store.fingerprint,
+            codecs={"down": downstream.codec},
+        )
+    return NodeState(store, resume_from, registry)
 
 
 def round_strategy(config: NodeConfig) -> RoundStrategy | None:
