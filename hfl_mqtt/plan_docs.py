@@ -223,9 +223,12 @@ def start_md(plan: Plan, out: Path, installed: Path, broker_user: str) -> str:
         "Each host needs Python 3.11 or later and hfl-mqtt (`pip install` a checkout or a wheel "
         "of it). Start order does not matter within a run: a worker trains on its parent's "
         "retained model whenever it arrives; the root ends the federation after its rounds and "
-        "every node stops. Before running the same federation again on the same brokers, start "
-        "the root first: an edge that gets the last run's retained model refuses the new "
-        "root's first versions as stale.",
+        "every node stops. Aggregators checkpoint into their state directory and `hfl-mqtt run` "
+        "resumes from it: one restarted after a crash goes on where it was "
+        "(docs/durability.md). A finished root started again stops its subtree again; raise "
+        "`rounds` to train further, or start over with `hfl-mqtt run --fresh` on every "
+        "aggregator, root first (an edge that still holds the last run's model refuses a "
+        "fresh root's first versions as stale).",
         "",
         "To run a node as a systemd service instead of `hfl-mqtt run` (from an hfl-mqtt "
         "checkout on the host; it copies the secrets the node file names, see "
