@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 from hfl_mqtt.brokers import BrokerConfig, MosquittoBroker
@@ -28,6 +29,15 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """A test that runs ``hfl_mqtt.cli.main`` in process points structlog at its captured
+    stderr; later tests must not log into that closed file."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(autouse=True)
