@@ -80,6 +80,14 @@ class NodeReport:
         self.updates_accepted += 1
         self.arrivals.append(arrival)
         self.accepted_ids.append(update_id)
+        # One line per update id, so accounting survives a node that is killed (chaos bench).
+        log.info(
+            "update accepted",
+            node=self.node,
+            sender=arrival.sender,
+            update_id=update_id,
+            staleness=arrival.staleness,
+        )
 
     def reject_decode(self, topic: str, exc: DecodeError) -> None:
         """Count a message that failed to decode (also what a link's reassembler refused)."""
