@@ -254,8 +254,22 @@ class UpstreamConfig(_Frozen):
     codec: Codec = "q8"
     """How this node's deltas travel up."""
     error_feedback: bool = False
+    fallbacks: list[Identifier] = []
+    """Parents to move to, in order, when ``parent`` goes offline (on the same broker; each
+    must list this node among its ``adoptees``). See docs/reparenting.md."""
+    parent_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Also move when the parent has sent no model for this long (None: only on its Last
+    Will)."""
+    return_to_parent: bool = True
+    """Go back to ``parent`` when it is online again (False: stay where it moved)."""
 
     _codec = field_validator("codec")(_check_codec)
+
+    @model_validator(mode="after")
+    def _fallbacks_are_others(self) -> UpstreamConfig:
+        if self.parent in self.fallbacks or len(set(self.fallbacks)) != len(self.fallbacks):
+            raise ValueError("fallbacks must differ from the parent and from each other")
+        return self
 
 
 def _check_server_address(value: str) -> str:
@@ -285,6 +299,9 @@ class DownstreamConfig(RoundConfig):
     children: Annotated[list[Identifier], Field(min_length=1)]
     codec: Codec = "npy"
     """How this node's model travels down."""
+    adoptees: list[Identifier] = []
+    """Nodes this one accepts as children when they join it (re-parenting); anyone else who
+    is not a child is refused."""
 
     _codec = field_validator("codec")(_check_codec)
 
@@ -498,6 +515,10 @@ class FederationConfig(_Frozen):
     """Simulated device differences among the workers; None: every worker as it is."""
     deployment: DeploymentConfig | None = None
     """Brokers, sites and hosts of a real fleet, for ``hfl-mqtt plan`` (hfl_mqtt/deployment.py)."""
+    fallback_parents: bool = False
+    """Give every node below the root's children fallback parents (its parent's siblings,
+    then its grandparent, where they share its broker) and every aggregator the matching
+    ``adoptees``: see docs/reparenting.md."""
 
     @model_validator(mode="after")
     def _shape(self) -> FederationConfig:
@@ -552,6 +573,29 @@ class FederationConfig(_Frozen):
                 depth[kid] = depth[parent] + 1
         workers = [n for n in depth if n not in tree]
         devices = self.heterogeneity.devices(len(workers)) if self.heterogeneity else None
+
+        def down_broker(node: str) -> BrokerAddress:
+            return brokers.get(node, default) if self.brokers == "per_edge" else default
+
+        fallbacks: dict[str, list[str]] = {}
+        adoptees: dict[str, list[str]] = {}
+        if self.fallback_parents:
+            for node, parent in parents.items():
+                if parent == root:
+                    continue  # the root has no sibling and no parent to stand in for it
+                grandparent = parents[parent]
+                uncles = tree[grandparent]
+                at = uncles.index(parent)
+                sibling = uncles[(at + 1) % len(uncles)]
+                mine = self._broker_of(node, parent, brokers, default)
+                chosen = [
+                    c
+                    for c in dict.fromkeys([sibling, grandparent])
+                    if c != parent and down_broker(c) == mine
+                ]
+                fallbacks[node] = chosen
+                for candidate in chosen:
+                    adoptees.setdefault(candidate, []).append(node)
         configs = []
         for node, d in depth.items():
             level = self.levels[d]
@@ -563,13 +607,15 @@ class FederationConfig(_Frozen):
                     parent=parent,
                     codec=level.uplink_codec,
                     error_feedback=level.error_feedback,
+                    fallbacks=fallbacks.get(node, []),
                 )
             downstream = None
             if node in tree:
                 downstream = DownstreamConfig(
-                    broker=brokers.get(node, default) if self.brokers == "per_edge" else default,
+                    broker=down_broker(node),
                     children=tree[node],
                     codec=level.downlink_codec,
+                    adoptees=adoptees.get(node, []),
                     **level.round_config(),
                 )
             configs.append(

@@ -8,8 +8,11 @@ topic                               direction           QoS  retained  payload
 ``hfl/{fed}/{node}/up/{child}``     child -> node       1    no        the child's delta (chunked
                                                                        on the same topic if large)
 ``hfl/{fed}/{node}/status``         node -> anyone      1    yes       JSON: online/offline (also
-                                                                       the Last Will), version
-``hfl/{fed}/{node}/ctl``            parent -> node      1    no        JSON: control (stop)
+                                                                       the Last Will), its parent
+``hfl/{fed}/{node}/ctl``            parent -> node      1    no        JSON: control (stop,
+                                                                       reparent)
+``hfl/{fed}/{node}/join/{child}``   child -> node       1    no        JSON: the child joins (or
+                                                                       leaves) ``node``
 ==================================  ==================  ===  ========  =============================
 
 The sender's id is always in the topic, so a broker ACL can pin each device to its own topics
@@ -28,6 +31,8 @@ __all__ = [
     "check_id",
     "chunk_topic",
     "ctl_topic",
+    "join_filter",
+    "join_topic",
     "model_topic",
     "parse_topic",
     "status_topic",
@@ -39,7 +44,7 @@ NODE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 """Federation and node ids: safe as MQTT topic levels (no ``/``, ``+``, ``#``, spaces)."""
 
 ROOT = "hfl"
-Kind = Literal["model", "up", "status", "ctl"]
+Kind = Literal["model", "up", "status", "ctl", "join"]
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -75,6 +80,15 @@ def ctl_topic(federation: str, node: str) -> str:
     return f"{ROOT}/{federation}/{node}/ctl"
 
 
+def join_topic(federation: str, parent: str, child: str) -> str:
+    """Where ``child`` announces that it joins (or leaves) ``parent`` (re-parenting)."""
+    return f"{ROOT}/{federation}/{parent}/join/{child}"
+
+
+def join_filter(federation: str, parent: str) -> str:
+    return f"{ROOT}/{federation}/{parent}/join/+"
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     federation: str
@@ -89,8 +103,8 @@ def parse_topic(topic: str) -> ParsedTopic | None:
     if len(parts) < 4 or parts[0] != ROOT:
         return None
     _, federation, node, kind, *rest = parts
-    if kind == "up" and len(rest) == 1:
-        return ParsedTopic(federation, node, "up", rest[0])
+    if kind in ("up", "join") and len(rest) == 1:
+        return ParsedTopic(federation, node, kind, rest[0])  # type: ignore[arg-type]
     if kind == "model" and (not rest or (len(rest) == 2 and rest[0] == "chunk")):
         return ParsedTopic(federation, node, "model")
     if kind in ("status", "ctl") and not rest:

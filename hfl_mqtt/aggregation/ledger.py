@@ -14,6 +14,8 @@ The ``anchor`` is the model at its last confirmed report (or at the last rebase)
   is in ``M'`` and is not counted twice; what was not is kept.
 - ``adopt(M', c')``: start over from ``M'`` (a synchronous aggregator under a synchronous parent
   restarts its cycle from each new parent model).
+- ``rehome()``: the node moved to another parent (docs/reparenting.md); the next model it takes
+  is of that parent's versions.
 
 Pure: no I/O, no clock. The aggregators use it, and checkpoints persist it (``state``/``load``).
 """
@@ -99,6 +101,13 @@ class UpstreamLedger:
         self.anchor = model
         self._sent = None
         return _copy(model)
+
+    def rehome(self) -> None:
+        """The node moved to another parent: the next parent model is of a new line of
+        versions. What was not reported stays in ``x - anchor`` to be rebased onto it; a report
+        to the old parent awaiting its verdict is counted as not taken."""
+        self.parent_version = None
+        self._sent = None
 
     def fold(self, updates: int, examples: int) -> None:
         """Children's updates went into ``x``."""

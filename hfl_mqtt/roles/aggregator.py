@@ -92,7 +92,7 @@ class Aggregator(AggregatorBase):
     # --- the parent's model ---------------------------------------------------------------------
 
     async def _parent_model(self, model: Model, header: Header) -> None:
-        if self.ledger.parent_async and self.model is not None and self.ledger.based:
+        if self.ledger.parent_async and self.model is not None and self.ledger.anchor is not None:
             if self._collecting is not None:
                 self._next_parent = (model, header)  # taken in when this round closes
                 return
@@ -154,7 +154,7 @@ class Aggregator(AggregatorBase):
             metrics = {} if participants is None else {"participants": participants}
             header = Header(
                 federation=self.config.federation,
-                sender=self.config.upstream.parent if self.config.upstream else "",
+                sender=self.parent,
                 kind="model",
                 version=version,
                 metrics=metrics,

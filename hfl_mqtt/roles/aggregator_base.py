@@ -17,6 +17,11 @@ report with its state: it is sent again (the parent drops a duplicate by update 
 A ``stop`` event set from outside (a signal) ends the node between two messages, without
 stopping its children: they wait for it to come back.
 
+Membership is live (docs/reparenting.md): a node among ``adoptees`` that joins (a join message,
+or a status naming this node as its parent) becomes a child; a child whose status names another
+parent, or that leaves, is no longer counted. An aggregator with ``fallbacks`` moves to another
+parent as a worker does (``roles/parentage.py``).
+
 With a ``NodeState`` (``checkpoint.py``) the node writes its state before publishing every
 ``checkpoint_every``-th version, after every report up and at a clean stop, and a node given a
 checkpoint resumes from it (``_resume``; docs/durability.md): at the same version, with the
@@ -44,6 +49,8 @@ from hfl_mqtt.codec import Compressor, Envelope, Header, ModelSpec, parse_spec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError, TransportError
 from hfl_mqtt.roles.messages import (
+    JOIN,
+    LEAVE,
     STOP,
     RecentIds,
     decode_from,
@@ -51,12 +58,18 @@ from hfl_mqtt.roles.messages import (
     model_message,
     new_update_id,
     parse_ctl,
+    parse_reparent,
     parse_status,
+    parse_status_parent,
+    status_payload,
 )
+from hfl_mqtt.roles.parentage import Parentage
 from hfl_mqtt.roles.report import NodeReport, reject_reason
 from hfl_mqtt.tasks.base import RoundAware, Task
 from hfl_mqtt.topics import (
     ctl_topic,
+    join_filter,
+    join_topic,
     model_topic,
     parse_topic,
     status_topic,
@@ -102,6 +115,12 @@ class AggregatorBase(ABC):
         self.config = config
         self.rounds_config = config.downstream
         self.children = list(config.downstream.children)
+        """The children now: those of the config that have not moved away, and adoptees that
+        joined."""
+        self._may_adopt = set(config.downstream.children) | set(config.downstream.adoptees)
+        self.parentage = (
+            Parentage(config.upstream, time.monotonic()) if config.upstream is not None else None
+        )
         self.down, self.up = down, up
         self.is_root = config.role == "root"
         if self.is_root and evaluator is None:
@@ -193,13 +212,17 @@ class AggregatorBase(ABC):
             if stop is not None:
                 pumps.append(tasks.create_task(self._stop_on(stop), name=f"{me}:stop"))
             await self.down.subscribe(up_filter(fed, me))
-            for child in self.children:
+            for child in sorted(self._may_adopt):
                 await self.down.subscribe(status_topic(fed, child))
+            if self.config.downstream is not None and self.config.downstream.adoptees:
+                await self.down.subscribe(join_filter(fed, me))
             control = self.up if self.up is not None else self.down
             await control.subscribe(ctl_topic(fed, me))
-            if self.up is not None and self.config.upstream is not None:
-                parent_model = model_topic(fed, self.config.upstream.parent)
-                await self.up.subscribe(parent_model, chunked_retained=True)
+            if self.up is not None and self.parentage is not None:
+                await self.up.subscribe(model_topic(fed, self.parent), chunked_retained=True)
+                if self.parentage.fallbacks or self.parentage.timeout_s is not None:
+                    for parent in self.parentage.candidates:
+                        await self.up.subscribe(status_topic(fed, parent))
             try:
                 await self._loop()
             finally:
@@ -232,6 +255,9 @@ class AggregatorBase(ABC):
             await self._begin()
         while not self._finished:
             timeout = self._wakeup_in()
+            silent_in = self.parentage.due_in(time.monotonic()) if self.parentage else None
+            if silent_in is not None:
+                timeout = silent_in if timeout is None else min(timeout, silent_in)
             if self._stop_at is not None:
                 until_stop = max(0.0, self._stop_at - time.monotonic())
                 timeout = until_stop if timeout is None else min(timeout, until_stop)
@@ -244,6 +270,11 @@ class AggregatorBase(ABC):
                 if self._stop_at is not None and time.monotonic() >= self._stop_at:
                     self._log.info("time budget spent: stopping")
                     await self._finish()
+                elif self.parentage is not None and self.parentage.due_in(time.monotonic()) == 0:
+                    target = self.parentage.silent(time.monotonic())
+                    if target is not None:
+                        self._log.info("moving: no model for parent_timeout_s")
+                        await self._move(target)
                 else:
                     await self._on_timer()
                 continue
@@ -264,25 +295,93 @@ class AggregatorBase(ABC):
         if topic is None or topic.federation != fed:
             return
         if topic.kind == "ctl" and topic.node == me:
-            if parse_ctl(message.payload) == "stop":
+            command = parse_ctl(message.payload)
+            if command == "stop":
                 self._log.info("stopping on request")
                 await self._finish()
+            elif command == "reparent" and self.parentage is not None:
+                target = parse_reparent(message.payload)
+                if target is not None and target != me:
+                    await self._move(target, by_hand=True)
         elif topic.kind == "up" and topic.node == me and topic.child:
             await self._on_update(topic.child, message)
-        elif topic.kind == "status" and topic.node in self.children:
-            state = parse_status(message.payload)
-            if state == "offline":
-                self._offline.add(topic.node)
-                self._log.info("child offline", child=topic.node)
-                await self._children_changed()
-            elif state is not None:
-                self._offline.discard(topic.node)
-        elif (
-            topic.kind == "model"
-            and self.config.upstream is not None
-            and topic.node == self.config.upstream.parent
-        ):
+        elif topic.kind == "join" and topic.node == me and topic.child:
+            command = parse_ctl(message.payload)
+            if command in ("join", "leave"):
+                await self._membership(topic.child, command == "join", message.topic)
+        elif topic.kind == "status" and topic.node in self._may_adopt:
+            await self._child_status(topic.node, message.payload)
+        elif topic.kind == "model" and self.parentage is not None and topic.node == self.parent:
             await self._on_parent_model(message)
+        if (
+            topic.kind == "status"
+            and self.parentage is not None
+            and topic.node in self.parentage.candidates
+        ):
+            state = parse_status(message.payload)
+            if state in ("online", "offline"):
+                target = self.parentage.status(topic.node, state == "online")
+                if target is not None:
+                    self._log.info("moving to another parent", reason=f"{topic.node} {state}")
+                    await self._move(target)
+
+    # --- who the children are, who the parent is ---------------------------------------------
+
+    @property
+    def parent(self) -> str:
+        """The parent this node is under now."""
+        assert self.parentage is not None, "the root has no parent"
+        return self.parentage.current
+
+    async def _child_status(self, child: str, payload: bytes) -> None:
+        """A child's (or adoptee's) status: offline, online, or under another parent."""
+        state = parse_status(payload)
+        under = parse_status_parent(payload)
+        if state == "online" and under is not None:
+            await self._membership(child, under == self.config.node, "")
+        if state == "offline" and child in self.children:
+            self._offline.add(child)
+            self._log.info("child offline", child=child)
+            await self._children_changed()
+        elif state is not None:
+            self._offline.discard(child)
+
+    async def _membership(self, child: str, joins: bool, topic: str) -> None:
+        """``child`` joins or leaves; a join from a node we may not adopt is refused."""
+        if joins and child not in self._may_adopt:
+            self.report.reject("unknown_sender", topic, f"{child} may not join (not an adoptee)")
+            return
+        if joins == (child in self.children):
+            return
+        if joins:
+            self.children.append(child)
+            self._offline.discard(child)
+        else:
+            self.children.remove(child)
+        self._log.info("child joined" if joins else "child left", child=child)
+        await self._children_changed()
+
+    async def _move(self, parent: str, *, by_hand: bool = False) -> None:
+        """Leave the current parent for ``parent``: announce it, name it in our status, take
+        its retained model (the ledger keeps what was not reported: docs/reparenting.md)."""
+        assert self.parentage is not None
+        assert self.up is not None
+        fed, me, old = self.config.federation, self.config.node, self.parent
+        if parent == old:
+            return
+        self.parentage.move(parent, time.monotonic(), by_hand=by_hand)
+        self.ledger.rehome()
+        self._untaken = None
+        self.report.reparented += 1
+        self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
+        await self.up.publish(join_topic(fed, old, me), LEAVE)
+        await self.up.publish(join_topic(fed, parent, me), JOIN)
+        online = status_payload("online", parent=parent)
+        self.up.online_payload = online
+        await self.up.publish(status_topic(fed, me), online, retain=True)
+        if parent not in self.parentage.fallbacks and parent != self.parentage.home:
+            await self.up.subscribe(status_topic(fed, parent))
+        await self.up.subscribe(model_topic(fed, parent), chunked_retained=True)
 
     async def _finish(self) -> None:
         await self._stop_children()
@@ -379,12 +478,12 @@ class AggregatorBase(ABC):
     # --- the parent's model ---------------------------------------------------------------------
 
     async def _on_parent_model(self, message: Incoming) -> None:
-        assert self.config.upstream is not None
+        assert self.parentage is not None
         try:
             envelope = decode_from(
                 message.payload,
                 kind="model",
-                sender=self.config.upstream.parent,
+                sender=self.parent,
                 federation=self.config.federation,
             )
             if self._seen.seen(envelope.header.update_id):
@@ -400,6 +499,7 @@ class AggregatorBase(ABC):
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return
+        self.parentage.model_came(time.monotonic())
         self._untaken = None  # the parent has moved on: it took our report, or never will
         if self.spec is None:
             self.spec = ModelSpec.from_arrays(model)
@@ -454,7 +554,7 @@ class AggregatorBase(ABC):
             metrics,
             update_id=update_id,
         )
-        topic = up_topic(self.config.federation, self.config.upstream.parent, self.config.node)
+        topic = up_topic(self.config.federation, self.parent, self.config.node)
         self._untaken = (report.base_version, topic, payload)
         self.report.sent_ids.append(update_id)
         await self.up.publish(topic, payload)

@@ -81,7 +81,7 @@ class AsyncAggregator(AggregatorBase):
         self.strategy.versioned(self.version, self.model)
 
     async def _parent_model(self, model: Model, header: Header) -> None:
-        if self.model is None or not self.ledger.based:
+        if self.model is None or self.ledger.anchor is None:
             self._adopt_parent(model, header)
         else:
             self.strategy.shift(self._rebase(model, header))

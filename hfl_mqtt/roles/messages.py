@@ -17,8 +17,11 @@ from hfl_mqtt.codec import (
     encode_message,
 )
 from hfl_mqtt.errors import SchemaError
+from hfl_mqtt.topics import NODE_ID
 
 __all__ = [
+    "JOIN",
+    "LEAVE",
     "STOP",
     "RecentIds",
     "decode_from",
@@ -26,11 +29,15 @@ __all__ = [
     "model_message",
     "new_update_id",
     "parse_ctl",
+    "parse_reparent",
     "parse_status",
+    "parse_status_parent",
     "status_payload",
 ]
 
 STOP = json.dumps({"cmd": "stop"}).encode()
+JOIN = json.dumps({"cmd": "join"}).encode()
+LEAVE = json.dumps({"cmd": "leave"}).encode()
 
 
 def new_update_id() -> str:
@@ -151,3 +158,19 @@ def parse_ctl(payload: bytes) -> str | None:
     value = _json(payload)
     cmd = value.get("cmd") if value else None
     return cmd if isinstance(cmd, str) else None
+
+
+def parse_reparent(payload: bytes) -> str | None:
+    """The new parent of a ``{"cmd": "reparent", "parent": ID}`` control message, or None."""
+    value = _json(payload)
+    if not value or value.get("cmd") != "reparent":
+        return None
+    parent = value.get("parent")
+    return parent if isinstance(parent, str) and NODE_ID.fullmatch(parent) else None
+
+
+def parse_status_parent(payload: bytes) -> str | None:
+    """The parent a node's status names (where it is attached now), or None."""
+    value = _json(payload)
+    parent = value.get("parent") if value else None
+    return parent if isinstance(parent, str) and NODE_ID.fullmatch(parent) else None

@@ -72,6 +72,8 @@ class NodeReport:
     """Update ids of the children's updates this node accepted."""
     resent: int = 0
     """Deltas sent again after a reconnect, in case the broker had lost them."""
+    reparented: int = 0
+    """Times the node moved to another parent (docs/reparenting.md)."""
     started: float = field(default_factory=time.monotonic)
     """When the node started (``time.monotonic``): ``Arrival.seconds`` count from here."""
 
@@ -141,6 +143,7 @@ class NodeReport:
             "sent_ids": self.sent_ids,
             "accepted_ids": self.accepted_ids,
             "resent": self.resent,
+            "reparented": self.reparented,
             "up": link(self.up),
             "down": link(self.down),
         }

@@ -15,6 +15,10 @@ its state: the worker sends it again (the parent drops a duplicate by its update
 A ``stop`` event set from outside (a signal) ends the worker at the next message boundary: a
 delta being sent is sent first.
 
+A worker with ``fallbacks`` moves to another parent when its own goes offline (or falls
+silent), and back (``roles/parentage.py``, docs/reparenting.md); a ``reparent`` control
+message moves it by hand.
+
 A worker with a ``device`` (``NodeConfig.device``) plays a slower board: each training run
 takes at least ``slowdown * (training seconds + compute_s)``, its link to the parent adds
 latency and a bandwidth cap both ways (``hfl_mqtt.transport.shaping``), and after a run it may
@@ -28,7 +32,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import structlog
@@ -38,16 +42,28 @@ from hfl_mqtt.codec import Compressor, Envelope, ModelSpec, decode_envelope
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError
 from hfl_mqtt.roles.messages import (
+    JOIN,
+    LEAVE,
     RecentIds,
     decode_from,
     delta_message,
     new_update_id,
     parse_ctl,
+    parse_reparent,
+    parse_status,
     status_payload,
 )
+from hfl_mqtt.roles.parentage import Parentage
 from hfl_mqtt.roles.report import NodeReport, reject_reason
 from hfl_mqtt.tasks.base import RoundAware, Task, TrainResult
-from hfl_mqtt.topics import ctl_topic, model_topic, parse_topic, status_topic, up_topic
+from hfl_mqtt.topics import (
+    ctl_topic,
+    join_topic,
+    model_topic,
+    parse_topic,
+    status_topic,
+    up_topic,
+)
 from hfl_mqtt.transport.base import Incoming, LinkBase
 from hfl_mqtt.transport.shaping import LinkShaper, ShapedLink
 
@@ -57,6 +73,10 @@ log = structlog.get_logger("hfl_mqtt.roles")
 
 _STOPPED = Incoming("", b"")
 """What ``Worker._receive`` returns once the stop event is set."""
+_SILENT = Incoming("", b"")
+"""What ``Worker._receive`` returns when the parent has sent no model for its timeout."""
+
+_Kind = Literal["stop", "model", "status", "reparent", "silent"]
 
 
 class _Channel(Protocol):
@@ -75,7 +95,7 @@ class Worker:
         if config.upstream is None:
             raise ValueError(f"worker {config.node} needs an upstream link")
         self.config = config
-        self.parent = config.upstream.parent
+        self.parentage = Parentage(config.upstream, time.monotonic())
         self.up = up
         self.task = task
         self.report = NodeReport(config.node, "worker", config.level, up=up.stats)
@@ -106,6 +126,11 @@ class Worker:
             if shaper.shapes:
                 self._link = ShapedLink(up, shaper)
 
+    @property
+    def parent(self) -> str:
+        """The parent the worker is under now."""
+        return self.parentage.current
+
     async def run(self, stop: asyncio.Event | None = None) -> NodeReport:
         """Serve until the parent says stop, or ``stop`` is set."""
         self._stop = stop
@@ -121,6 +146,9 @@ class Worker:
         fed, me = self.config.federation, self.config.node
         await self._link.subscribe(model_topic(fed, self.parent), chunked_retained=True)
         await self._link.subscribe(ctl_topic(fed, me))
+        if self.parentage.fallbacks or self.parentage.timeout_s is not None:
+            for parent in self.parentage.candidates:
+                await self._link.subscribe(status_topic(fed, parent))
         while True:
             message = self._next_message()
             if message is None and self._keep_training_on is not None:
@@ -133,23 +161,80 @@ class Worker:
                 if kind == "stop":
                     self._log.info("stopping on request")
                     return self.report
+                if kind in ("status", "reparent", "silent"):
+                    await self._parent_news(kind, message)
+                    continue
                 if kind != "model" or not await self._on_model(message):
                     continue
             if self._drops_out() and await self._stay_offline():
                 return self.report
 
-    def _kind(self, message: Incoming) -> Literal["stop", "model"] | None:
-        """A stop on our control topic, a model from our parent, or something to ignore."""
-        topic = parse_topic(message.topic)
+    def _kind(self, message: Incoming) -> _Kind | None:
+        """A stop or reparent on our control topic, a model from our parent, a status of a
+        parent we may be under, our parent's silence, or something to ignore."""
         if message is _STOPPED:
             return "stop"
+        if message is _SILENT:
+            return "silent"
+        topic = parse_topic(message.topic)
         if topic is None or topic.federation != self.config.federation:
             return None
         if topic.kind == "ctl" and topic.node == self.config.node:
-            return "stop" if parse_ctl(message.payload) == "stop" else None
+            command = parse_ctl(message.payload)
+            return command if command in ("stop", "reparent") else None  # type: ignore[return-value]
         if topic.kind == "model" and topic.node == self.parent:
             return "model"
+        if topic.kind == "status" and topic.node in self.parentage.candidates:
+            return "status"
         return None
+
+    # --- re-parenting ---------------------------------------------------------------------------
+
+    async def _parent_news(self, kind: _Kind, message: Incoming) -> None:
+        """A parent's status, our parent's silence, or an operator's move: move if due."""
+        now = time.monotonic()
+        if kind == "reparent":
+            target = parse_reparent(message.payload)
+            if target is None or target == self.config.node:
+                self._log.warning("a reparent without a valid parent id: ignored")
+                return
+            await self._move(target, by_hand=True)
+            return
+        if kind == "silent":
+            target = self.parentage.silent(now)
+            reason = "no model for parent_timeout_s"
+        else:
+            topic = parse_topic(message.topic)
+            state = parse_status(message.payload)
+            if topic is None or state not in ("online", "offline"):
+                return
+            target = self.parentage.status(topic.node, state == "online")
+            reason = f"{topic.node} is {state}"
+        if target is not None:
+            self._log.info("moving to another parent", reason=reason)
+            await self._move(target)
+
+    async def _move(self, parent: str, *, by_hand: bool = False) -> None:
+        """Leave the current parent for ``parent``: announce it, say so in our status, and
+        take ``parent``'s retained model (a fresh subscription delivers it)."""
+        fed, me = self.config.federation, self.config.node
+        old = self.parent
+        if parent == old:
+            return
+        self.parentage.move(parent, time.monotonic(), by_hand=by_hand)
+        self._untaken = None
+        self._keep_training_on = None
+        self._seen = RecentIds()  # the new parent's current model is to be trained on
+        self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
+        self.report.reparented += 1
+        await self._link.publish(join_topic(fed, old, me), LEAVE)
+        await self._link.publish(join_topic(fed, parent, me), JOIN)
+        online = status_payload("online", parent=parent)
+        self.up.online_payload = online
+        await self._link.publish(status_topic(fed, me), online, retain=True)
+        if parent not in self.parentage.fallbacks and parent != self.parentage.home:
+            await self._link.subscribe(status_topic(fed, parent))
+        await self._link.subscribe(model_topic(fed, parent), chunked_retained=True)
 
     async def _on_model(self, message: Incoming) -> bool:
         """Train on a new model (and send the result); False if there was nothing to train on."""
@@ -164,6 +249,7 @@ class Worker:
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return False
+        self.parentage.model_came(time.monotonic())
         self._untaken = None  # the parent has moved on: it took our delta, or never will
         asynchronous = envelope.header.metrics.get("async") is True
         self._keep_training_on = (envelope, model) if asynchronous else None
@@ -237,7 +323,11 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 while True:
-                    message = set_aside.popleft() if set_aside else await self._receive()
+                    message = (
+                        set_aside.popleft()
+                        if set_aside
+                        else await self._receive(watch_parent=False)
+                    )
                     kind = self._kind(message)
                     if kind == "stop":
                         self._log.info("stopping on request while offline")
@@ -250,23 +340,30 @@ class Worker:
             self._pending.append(latest_model)
         return False
 
-    async def _receive(self) -> Incoming:
-        """The next message from the link, or ``_STOPPED`` once the stop event is set."""
-        if self._stop is None:
-            return await self._link.receive()
-        if self._stop.is_set():
+    async def _receive(self, *, watch_parent: bool = True) -> Incoming:
+        """The next message from the link; ``_STOPPED`` once the stop event is set, or
+        (``watch_parent``) ``_SILENT`` when the parent has sent no model for its timeout."""
+        if self._stop is not None and self._stop.is_set():
             return _STOPPED
         receiving = asyncio.ensure_future(self._link.receive())
-        stopping = asyncio.ensure_future(self._stop.wait())
+        waits: set[asyncio.Future[Any]] = {receiving}
+        stopping = asyncio.ensure_future(self._stop.wait()) if self._stop is not None else None
+        if stopping is not None:
+            waits.add(stopping)
         try:
-            await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waits,
+                timeout=self.parentage.due_in(time.monotonic()) if watch_parent else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
-            stopping.cancel()
+            if stopping is not None:
+                stopping.cancel()
             if not receiving.done():
                 receiving.cancel()
         if receiving.done() and not receiving.cancelled():
             return receiving.result()
-        return _STOPPED
+        return _STOPPED if stopping is not None and stopping.done() else _SILENT
 
     async def _resend_untaken(self, version: int) -> None:
         """The parent's model ``version`` came again: if our last delta is against it, send

@@ -96,6 +96,10 @@ class LinkBase(ABC):
     ``_arrived``; users call ``publish``, ``subscribe`` and ``receive``.
     """
 
+    online_payload: bytes = b'{"state": "online"}'
+    """The status a link with a status topic publishes (retained) on every connect; a node
+    that moves to another parent updates it (docs/reparenting.md)."""
+
     def __init__(
         self,
         *,
