@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-staleness bench-recovery bench-footprint test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-staleness bench-recovery bench-chaos bench-footprint test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ bench-staleness: $(STAMP)
 bench-recovery: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/recovery_bench.py --json benchmarks/out/recovery.json
+
+# Real node processes killed -9, brokers crashed, hostile payloads, a site cut off (about 5
+# minutes); the plots land beside the JSON.
+bench-chaos: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/chaos_bench.py --json benchmarks/out/chaos.json
 
 # A worker's memory, the agent venv's size, import time and idle CPU (natively); the same in an
 # emulated arm64 board with ARCH=arm64 (root, qemu: about 10 minutes).
