@@ -2,9 +2,10 @@
 
 Each test runs one scenario of ``benchmarks/chaos_bench.py`` without its clean run: a cloud, two
 edges of two workers, the workers two to a process, six short global rounds, the failure after
-the second, every aggregator waiting for all its children. What is checked is what must hold however loaded the machine is: the run finishes,
-no update is lost, no process crashes but the killed, and the failure was really injected.
-Timings are recorded, not asserted. The whole benchmark (``make bench-chaos``) is not run here.
+the second, every aggregator waiting for all its children. What is checked is what must hold
+however loaded the machine is: the run finishes, no update is lost, no process crashes but the
+killed, and the failure was really injected. Timings are recorded, not asserted. The whole
+benchmark (``make bench-chaos``) is not run here.
 """
 
 from __future__ import annotations
