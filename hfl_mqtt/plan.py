@@ -177,10 +177,10 @@ def make_plan(
     root_name = next(iter(brokers))
     at = {name: BrokerAddress(host=b.host, port=b.port or 0) for name, b in brokers.items()}
     addresses = {root: at[root_name], **{node: at[name] for node, name in sites.items()}}
-    if sites:  # the per-edge wiring of node_configs is the per-site one
-        config_for_nodes = config.model_copy(update={"brokers": "per_edge"})
-    else:
-        config_for_nodes = config.model_copy(update={"brokers": "single"})
+    # The per-edge wiring of node_configs is the per-site one. Every node gets the fallback
+    # parents it can reach on its broker, and the ACL lets it use them.
+    wiring = "per_edge" if sites else "single"
+    config_for_nodes = config.model_copy(update={"brokers": wiring, "fallback_parents": True})
     broker_at = {(a.host, a.port): name for name, a in at.items()}
     users: dict[str, list[str]] = {name: [] for name in brokers}
     nodes = []
@@ -249,6 +249,8 @@ def acl_rules(plan: Plan, broker: BrokerPlan) -> tuple[list[AclRule], dict[str, 
         ("read", f"{prefix}/%u/ctl"),  # one's control messages
         ("write", f"{prefix}/%u/model/#"),  # an aggregator's model and its chunks
         ("read", f"{prefix}/%u/up/+"),  # an aggregator's children's deltas
+        ("write", f"{prefix}/+/join/%u"),  # joining or leaving a parent, under one's own name
+        ("read", f"{prefix}/%u/join/+"),  # who joins or leaves an aggregator
     ]
     by_id = {node.node: node for node in plan.nodes}
     users: dict[str, list[AclRule]] = {}
@@ -256,8 +258,13 @@ def acl_rules(plan: Plan, broker: BrokerPlan) -> tuple[list[AclRule], dict[str, 
         node = by_id[user]
         rules: list[AclRule] = []
         if node.upstream is not None:
-            rules.append(("read", topics.model_topic(fed, node.upstream.parent) + "/#"))
-        for child in node.downstream.children if node.downstream is not None else []:
+            for parent in [node.upstream.parent, *node.upstream.fallbacks]:
+                rules.append(("read", topics.model_topic(fed, parent) + "/#"))
+                if node.upstream.fallbacks:  # to see it go offline (its Last Will)
+                    rules.append(("read", topics.status_topic(fed, parent)))
+        downstream = node.downstream
+        adoptees = downstream.adoptees if downstream is not None else []
+        for child in [*(downstream.children if downstream is not None else []), *adoptees]:
             rules += [
                 ("read", topics.status_topic(fed, child)),
                 ("write", topics.ctl_topic(fed, child)),  # a parent stops its children

@@ -339,9 +339,9 @@ class AggregatorBase(ABC):
         under = parse_status_parent(payload)
         if state == "online" and under is not None:
             await self._membership(child, under == self.config.node, "")
-        if state == "offline" and child in self.children:
-            self._offline.add(child)
-            self._log.info("child offline", child=child)
+        if state in ("offline", "idle") and child in self.children:
+            self._offline.add(child)  # an idle child (all its children gone) sends nothing
+            self._log.info(f"child {state}", child=child)
             await self._children_changed()
         elif state is not None:
             self._offline.discard(child)
@@ -359,7 +359,19 @@ class AggregatorBase(ABC):
         else:
             self.children.remove(child)
         self._log.info("child joined" if joins else "child left", child=child)
+        if len(self.children) <= 1:
+            await self._announce("online" if self.children else "idle")
         await self._children_changed()
+
+    async def _announce(self, state: str) -> None:
+        """Our status: ``idle`` while no child is left (the parent then waits for nothing from
+        us), ``online`` (naming our parent if we moved) again once one joins."""
+        if self.up is None or self.parentage is None:
+            return
+        payload = status_payload(state, parent=self.parent)
+        self.up.online_payload = payload
+        status = status_topic(self.config.federation, self.config.node)
+        await self.up.publish(status, payload, retain=True)
 
     async def _move(self, parent: str, *, by_hand: bool = False) -> None:
         """Leave the current parent for ``parent``: announce it, name it in our status, take
@@ -376,7 +388,8 @@ class AggregatorBase(ABC):
         self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
         await self.up.publish(join_topic(fed, old, me), LEAVE)
         await self.up.publish(join_topic(fed, parent, me), JOIN)
-        online = status_payload("online", parent=parent)
+        state = "online" if self.children else "idle"
+        online = status_payload(state, parent=parent)
         self.up.online_payload = online
         await self.up.publish(status_topic(fed, me), online, retain=True)
         if parent not in self.parentage.fallbacks and parent != self.parentage.home:
@@ -534,6 +547,12 @@ class AggregatorBase(ABC):
         assert self.config.upstream is not None
         assert self.model is not None
         assert self._up_codec is not None
+        if not self.ledger.based:
+            # Moved to another parent, whose model has not come yet: what would be reported
+            # stays in x - anchor, to be rebased onto that model (or dropped by a synchronous
+            # cycle restarting from it).
+            self._log.info("no model from the new parent yet: the report waits")
+            return
         tree_bytes, tree_messages = self.tree_traffic()
         metrics: MetricDict = {
             "tree_bytes": tree_bytes,
