@@ -536,3 +536,37 @@ async def test_worker_drops_a_result_overtaken_by_a_newer_model() -> None:
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running
+
+
+async def test_worker_keeps_its_result_when_a_spoofed_model_arrives_during_training() -> None:
+    """A valid model envelope from another sender on the parent's model topic is not a newer
+    model: the worker sends what it trained (and the spoof is refused when its turn comes)."""
+    broker = MemoryBroker()
+    gate = threading.Event()
+    task = FakeTask(step=0.25, gate=gate)
+    async with (
+        Peer(broker, "edge", serves=True) as edge,
+        MemoryLink(broker, "w", status_topic=status_topic(FED, "w")) as link,
+    ):
+        worker = Worker(worker_config("w", "edge"), link, task)
+        running = asyncio.create_task(worker.run(), name="w")
+        try:
+            await until(lambda: len(link.filters) == 3)
+            assert await edge.publish_model(W0) == 1
+            assert await asyncio.to_thread(task.started.wait, WAIT)
+            spoof = model_message(FED, "intruder", 9, filled(W0, 5.0), Compressor("npy"))
+            await edge.link.publish(model_topic(FED, "edge"), spoof)
+            await asyncio.sleep(0.05)  # the spoof is there before training ends
+            gate.set()
+            _, delta = await edge.next_message()
+            assert delta.header.base_version == 1
+            await link.publish(ctl_topic(FED, "w"), STOP)
+            async with asyncio.timeout(WAIT):
+                report = await running
+            assert report.trained == 1
+            assert report.updates_rejected == {"malformed": 1}
+        finally:
+            gate.set()
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running

@@ -38,7 +38,7 @@ import numpy as np
 import structlog
 
 from hfl_mqtt.aggregation.base import Model, subtract
-from hfl_mqtt.codec import Compressor, Envelope, ModelSpec, decode_envelope
+from hfl_mqtt.codec import Compressor, Envelope, ModelSpec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError
 from hfl_mqtt.roles.messages import (
@@ -263,7 +263,7 @@ class Worker:
         trained, result = await asyncio.to_thread(self._train, model, version)
         await self._take_device_time(time.monotonic() - started)
         self.report.trained += 1
-        newer_waiting = self._newer_model_waiting()  # also sets aside what arrived meanwhile
+        newer_waiting = self._newer_model_waiting(version)  # sets aside what arrived meanwhile
         if newer_waiting and not envelope.header.metrics.get("async"):
             log_round.info("newer model arrived during training: result dropped")
             return
@@ -382,29 +382,43 @@ class Worker:
         return self.task.get_weights(), result
 
     def _next_message(self) -> Incoming | None:
-        """The next message already here, skipping models a later one replaces (models can
-        queue up while a worker trains or sends, and only the newest is worth training on)."""
+        """The next message already here, skipping models that a later, newer one from our
+        parent replaces (models can queue up while a worker trains or sends, and only the
+        newest is worth training on). A message that only looks like a newer model (another
+        sender, bad bytes) replaces nothing: it is refused and counted when its turn comes."""
         while (waiting := self._link.receive_nowait()) is not None:
             self._pending.append(waiting)
         model = model_topic(self.config.federation, self.parent)
         while self._pending:
             message = self._pending.popleft()
-            if message.topic != model or all(m.topic != model for m in self._pending):
+            if message.topic != model:
+                return message
+            mine = self._model_version(message)
+            if mine is None or not any(
+                (v := self._model_version(m)) is not None and v > mine for m in self._pending
+            ):
                 return message
         return None
 
-    def _newer_model_waiting(self) -> bool:
-        """Move what arrived during training aside; True if a new parent model is among it."""
+    def _newer_model_waiting(self, version: int) -> bool:
+        """Move what arrived during training aside; True if a model from our parent newer than
+        ``version`` is among it (checked as ``_on_model`` checks it: a spoofed or replayed one
+        must not make the worker drop its result)."""
         while (message := self._link.receive_nowait()) is not None:
             self._pending.append(message)
-        model = model_topic(self.config.federation, self.parent)
-        for message in self._pending:
-            if message.topic != model:
-                continue
-            try:
-                envelope = decode_envelope(message.payload)
-            except DecodeError:
-                continue
-            if not self._seen.known(envelope.header.update_id):
-                return True
-        return False
+        return any((v := self._model_version(m)) is not None and v > version for m in self._pending)
+
+    def _model_version(self, message: Incoming) -> int | None:
+        """The version of an unseen model from our parent, or None for anything else."""
+        if message.topic != model_topic(self.config.federation, self.parent):
+            return None
+        try:
+            envelope = decode_from(
+                message.payload,
+                kind="model",
+                sender=self.parent,
+                federation=self.config.federation,
+            )
+        except DecodeError:
+            return None
+        return None if self._seen.known(envelope.header.update_id) else envelope.header.version
