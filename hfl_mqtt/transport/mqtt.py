@@ -132,6 +132,24 @@ class _Client(aiomqtt.Client):
 
         paho_client._sock_recv = keep_tls_error  # type: ignore[method-assign, assignment]
 
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # aiomqtt schedules add_writer(fd) from paho's callback; if the connection drops before
+        # the loop runs it, the socket is closed and add_writer raises (EBADF) inside the event
+        # loop, or the number already names another socket. Register only a socket still open.
+        def callback() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # paho: the connection broke; aiomqtt's own handling
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            current = client.socket()
+            if current is not None and current is sock and current.fileno() != -1:
+                self._loop.add_writer(current.fileno(), callback)
+
+        self._loop.call_soon_threadsafe(register)
+
     def _client_connect(self) -> None:
         try:
             super()._client_connect()
