@@ -334,7 +334,8 @@ async def simulate(
 
     The aggregators checkpoint into ``out/state/{node}``. With ``resume`` (an earlier run's
     ``out``), they go on from that run's checkpoints (``CheckpointError`` if they belong to
-    another config); the workers start afresh, as restarted devices would.
+    another config); the workers start afresh, as restarted devices would. ``metrics.jsonl``
+    then holds this run's evaluations, the summary and the plot the whole run's.
 
     With ``meter_links``, the bytes crossing each network link are measured on the wire by
     byte-counting proxies (``hfl_mqtt.linkmeter``): ``links`` in the summary, and
@@ -394,12 +395,23 @@ async def simulate(
             for name, c in ((name, m.counts()) for name, m in (meters or {}).items())
         }
     reports = [r.to_dict() for r in aggregator_reports] + worker_reports
+    # A resumed run's summary and plot cover the whole run; metrics.jsonl holds this part.
+    earlier = _earlier_events(resume) if resume is not None else []
+    events = earlier + events
     summary = _summary(config, reports, events, time.monotonic() - started, brokers)
     if meters is not None:
         summary["links"] = links
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(config, events, reports, out)
     return summary
+
+
+def _earlier_events(resume: Path) -> list[dict[str, Any]]:
+    """The evaluations of the run ``resume`` holds (its metrics.jsonl), if it kept them."""
+    path = resume / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _summary(

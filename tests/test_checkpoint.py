@@ -334,6 +334,7 @@ async def test_sim_resume_goes_on_from_an_earlier_runs_checkpoints(tmp_path: Pat
         second = await simulate(config(4), tmp_path / "two", processes=1, resume=tmp_path / "one")
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["global_round"] for line in lines] == [3, 4]
+    assert second["global_rounds"] == 4  # the summary covers the whole run
     assert second["final_accuracy"] >= first["final_accuracy"] - 0.05
     with pytest.raises(CheckpointError, match="no checkpoints"):
         await simulate(config(4), tmp_path / "three", resume=tmp_path / "nowhere")

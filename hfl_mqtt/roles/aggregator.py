@@ -167,7 +167,10 @@ class Aggregator(AggregatorBase):
             {k[len(prefix) :]: v for k, v in models.items() if k.startswith(prefix)},
         )
         if self.is_root and self.report.rounds >= self.rounds_config.rounds:
-            self._log.info("the checkpoint is of a finished run: stopping")
+            self._log.warning(
+                "the checkpoint is of a finished run: stopping (raise rounds to train further)",
+                rounds=self.report.rounds,
+            )
             await self._finish()
         elif values["collecting"]:
             await self._start_round(republish)  # x is the model of the version published

@@ -113,7 +113,10 @@ class AsyncAggregator(AggregatorBase):
         if due and (not evaluations or evaluations[-1]["global_round"] != rounds):
             await self._evaluate(0, 0)  # the checkpoint went out before the evaluation
         if self.is_root and self.report.rounds >= self.rounds_config.rounds:
-            self._log.info("the checkpoint is of a finished run: stopping")
+            self._log.warning(
+                "the checkpoint is of a finished run: stopping (raise rounds to train further)",
+                rounds=self.report.rounds,
+            )
             await self._finish()
         elif republish is not None:
             await self._republish(republish)
