@@ -183,8 +183,8 @@ class CheckpointStore:
         if checkpoint.fingerprint != self.fingerprint:
             raise CheckpointError(
                 f"the checkpoint {self.path} belongs to another config of this node (its task, "
-                "aggregation, codecs or parent changed): start over with --fresh, or give the "
-                "node another state_dir"
+                "aggregation, its own codecs or parent changed): start over (hfl-mqtt run "
+                "--fresh; hfl-mqtt sim without --resume), or give the node another state_dir"
             )
         return checkpoint
 

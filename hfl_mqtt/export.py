@@ -93,11 +93,13 @@ def export(
     return card
 
 
-def read_flower(path: Path) -> ArrayRecord:
+def read_flower(path: Path | str) -> ArrayRecord:
     """The ``ArrayRecord`` of a file written by ``export(..., "flower", ...)``."""
     with _extra("flower", "flower"):
         from flwr.common.serde import array_record_from_proto
         from flwr.proto.recorddict_pb2 import ArrayRecord as ArrayRecordProto
 
-    record: ArrayRecord = array_record_from_proto(ArrayRecordProto.FromString(path.read_bytes()))
+    record: ArrayRecord = array_record_from_proto(
+        ArrayRecordProto.FromString(Path(path).read_bytes())
+    )
     return record

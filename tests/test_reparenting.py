@@ -12,9 +12,10 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from structlog.testing import capture_logs
 
 from hfl_mqtt.config import FederationConfig, NodeConfig, UpstreamConfig
-from hfl_mqtt.roles.messages import JOIN, parse_status_parent
+from hfl_mqtt.roles.messages import JOIN, LEAVE, parse_status_parent
 from hfl_mqtt.roles.node import run_node
 from hfl_mqtt.roles.parentage import Parentage
 from hfl_mqtt.roles.report import NodeReport
@@ -334,3 +335,31 @@ async def test_an_edge_moves_up_to_the_cloud_and_keeps_training(start_broker: St
     assert "edge-0" in senders(reports["cloud"])
     assert reports["cloud"].rounds == 30
     assert events[-1]["accuracy"] > 0.85
+
+
+@needs_mosquitto
+@pytest.mark.anyio
+async def test_a_stale_leave_is_ignored_when_the_childs_status_says_it_is_home(
+    start_broker: StartBroker,
+) -> None:
+    """A leave that waited in a parent's broker session since an earlier run (here: published
+    by hand) must not drop a child whose retained status says it is still there."""
+    broker = start_broker()
+    config = federation(
+        "stale-leave", rounds=(12, 1), fanout=(2, 2), deadline_s=30.0, min_fraction=1.0
+    ).model_copy(update={"fallback_parents": True})
+    nodes = {n.node: n for n in config.node_configs({"cloud": address(broker)})}
+    events: list[dict[str, Any]] = []
+    with capture_logs() as logs:
+        async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+            tasks = {
+                name: group.create_task(run_node(node, on_event=events.append))
+                for name, node in nodes.items()
+            }
+            await wait_for(events, 2)
+            leave = join_topic(config.federation, "edge-0", "worker-0")
+            await publish(broker.host, broker.port, leave, LEAVE)
+    reports = {name: task.result() for name, task in tasks.items()}
+    assert not [e for e in logs if e["event"] == "child left"]
+    assert [e["participants"] for e in events] == [2] * 12
+    assert reports["edge-0"].updates_accepted == 2 * 12

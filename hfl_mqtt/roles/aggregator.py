@@ -167,11 +167,13 @@ class Aggregator(AggregatorBase):
             {k[len(prefix) :]: v for k, v in models.items() if k.startswith(prefix)},
         )
         if self.is_root and self.report.rounds >= self.rounds_config.rounds:
+            # Its children were stopped when the run ended: a stop sent now would wait in
+            # their sessions and end the next run at its start.
             self._log.warning(
                 "the checkpoint is of a finished run: stopping (raise rounds to train further)",
                 rounds=self.report.rounds,
             )
-            await self._finish()
+            self._finished = True
         elif values["collecting"]:
             await self._start_round(republish)  # x is the model of the version published
         elif self.is_root:
@@ -185,7 +187,14 @@ class Aggregator(AggregatorBase):
         header = envelope.header
         if self._collecting is None or header.base_version != self.version:
             self.report.reject(
-                "stale", topic, f"base {header.base_version}, current {self.version}"
+                "stale",
+                topic,
+                f"base {header.base_version}, current {self.version}"
+                + (
+                    ""
+                    if self._collecting is not None
+                    else " (no round open: waiting for the parent)"
+                ),
             )
             return
         if child in self._collecting:

@@ -118,6 +118,9 @@ class AggregatorBase(ABC):
         """The children now: those of the config that have not moved away, and adoptees that
         joined."""
         self._may_adopt = set(config.downstream.children) | set(config.downstream.adoptees)
+        self._home_children = set(config.downstream.children)
+        self._child_under: dict[str, str | None] = {}
+        """Where each child's last online status says it is (None: not said, an adoptee's)."""
         self.parentage = (
             Parentage(config.upstream, time.monotonic()) if config.upstream is not None else None
         )
@@ -307,8 +310,15 @@ class AggregatorBase(ABC):
             await self._on_update(topic.child, message)
         elif topic.kind == "join" and topic.node == me and topic.child:
             command = parse_ctl(message.payload)
+            child = topic.child
             if command in ("join", "leave"):
-                await self._membership(topic.child, command == "join", message.topic)
+                # A join or leave queued in our session since an earlier run must not undo
+                # what the child's retained status (newer, the truth) says.
+                known = child in self._child_under
+                if known and (self._child_under[child] == me) != (command == "join"):
+                    self._log.info("a join or leave its status contradicts: ignored", child=child)
+                else:
+                    await self._membership(child, command == "join", message.topic)
         elif topic.kind == "status" and topic.node in self._may_adopt:
             await self._child_status(topic.node, message.payload)
         elif topic.kind == "model" and self.parentage is not None and topic.node == self.parent:
@@ -334,11 +344,16 @@ class AggregatorBase(ABC):
         return self.parentage.current
 
     async def _child_status(self, child: str, payload: bytes) -> None:
-        """A child's (or adoptee's) status: offline, online, or under another parent."""
+        """A child's (or adoptee's) status: offline, online, or under another parent (a
+        status without a parent means the child's own parent: us, for a child of ours)."""
         state = parse_status(payload)
         under = parse_status_parent(payload)
-        if state == "online" and under is not None:
-            await self._membership(child, under == self.config.node, "")
+        if under is None and child in self._home_children:
+            under = self.config.node
+        if state == "online":
+            self._child_under[child] = under
+            if under is not None:
+                await self._membership(child, under == self.config.node, "")
         if state in ("offline", "idle") and child in self.children:
             self._offline.add(child)  # an idle child (all its children gone) sends nothing
             self._log.info(f"child {state}", child=child)
@@ -386,12 +401,12 @@ class AggregatorBase(ABC):
         self._untaken = None
         self.report.reparented += 1
         self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
-        await self.up.publish(join_topic(fed, old, me), LEAVE)
-        await self.up.publish(join_topic(fed, parent, me), JOIN)
         state = "online" if self.children else "idle"
         online = status_payload(state, parent=parent)
         self.up.online_payload = online
-        await self.up.publish(status_topic(fed, me), online, retain=True)
+        await self.up.publish(status_topic(fed, me), online, retain=True)  # first: the truth
+        await self.up.publish(join_topic(fed, old, me), LEAVE)
+        await self.up.publish(join_topic(fed, parent, me), JOIN)
         if parent not in self.parentage.fallbacks and parent != self.parentage.home:
             await self.up.subscribe(status_topic(fed, parent))
         await self.up.subscribe(model_topic(fed, parent), chunked_retained=True)

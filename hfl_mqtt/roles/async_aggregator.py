@@ -113,11 +113,13 @@ class AsyncAggregator(AggregatorBase):
         if due and (not evaluations or evaluations[-1]["global_round"] != rounds):
             await self._evaluate(0, 0)  # the checkpoint went out before the evaluation
         if self.is_root and self.report.rounds >= self.rounds_config.rounds:
+            # Its children were stopped when the run ended: a stop sent now would wait in
+            # their sessions and end the next run at its start.
             self._log.warning(
                 "the checkpoint is of a finished run: stopping (raise rounds to train further)",
                 rounds=self.report.rounds,
             )
-            await self._finish()
+            self._finished = True
         elif republish is not None:
             await self._republish(republish)
         elif self.model is not None:

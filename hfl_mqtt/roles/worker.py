@@ -227,11 +227,11 @@ class Worker:
         self._seen = RecentIds()  # the new parent's current model is to be trained on
         self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
         self.report.reparented += 1
-        await self._link.publish(join_topic(fed, old, me), LEAVE)
-        await self._link.publish(join_topic(fed, parent, me), JOIN)
         online = status_payload("online", parent=parent)
         self.up.online_payload = online
-        await self._link.publish(status_topic(fed, me), online, retain=True)
+        await self._link.publish(status_topic(fed, me), online, retain=True)  # first: the truth
+        await self._link.publish(join_topic(fed, old, me), LEAVE)
+        await self._link.publish(join_topic(fed, parent, me), JOIN)
         if parent not in self.parentage.fallbacks and parent != self.parentage.home:
             await self._link.subscribe(status_topic(fed, parent))
         await self._link.subscribe(model_topic(fed, parent), chunked_retained=True)
