@@ -36,8 +36,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -54,6 +56,7 @@ __all__ = [
     "ConfigError",
     "DeviceConfig",
     "DownstreamConfig",
+    "FallbackParent",
     "FederationConfig",
     "FlowerParentConfig",
     "HeterogeneityConfig",
@@ -246,6 +249,22 @@ class RoundConfig(_Frozen):
         return StalenessFunction(function="polynomial", a=0.5)
 
 
+class FallbackParent(_Frozen):
+    """A parent to move to (docs/reparenting.md), and the broker it serves its children on."""
+
+    parent: Identifier
+    broker: BrokerAddress | None = None
+    """None: the node's own upstream broker. Another broker (a sibling edge's, the cloud's)
+    gets a connection of its own when the node first moves there."""
+
+
+def _ids_as_fallbacks(value: Any) -> Any:
+    """A fallback given as a bare id is on the node's own broker."""
+    if isinstance(value, list):
+        return [{"parent": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
 class UpstreamConfig(_Frozen):
     """The link to a node's parent."""
 
@@ -254,9 +273,10 @@ class UpstreamConfig(_Frozen):
     codec: Codec = "q8"
     """How this node's deltas travel up."""
     error_feedback: bool = False
-    fallbacks: list[Identifier] = []
-    """Parents to move to, in order, when ``parent`` goes offline (on the same broker; each
-    must list this node among its ``adoptees``). See docs/reparenting.md."""
+    fallbacks: Annotated[list[FallbackParent], BeforeValidator(_ids_as_fallbacks)] = []
+    """Parents to move to, in order, when ``parent`` goes offline: ids (on this node's broker)
+    or ``{parent: ID, broker: {...}}``; each must list this node among its ``adoptees``. See
+    docs/reparenting.md."""
     parent_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """Also move when the parent has sent no model for this long (None: only on its Last
     Will)."""
@@ -267,9 +287,31 @@ class UpstreamConfig(_Frozen):
 
     @model_validator(mode="after")
     def _fallbacks_are_others(self) -> UpstreamConfig:
-        if self.parent in self.fallbacks or len(set(self.fallbacks)) != len(self.fallbacks):
+        ids = self.fallback_ids
+        if self.parent in ids or len(set(ids)) != len(ids):
             raise ValueError("fallbacks must differ from the parent and from each other")
         return self
+
+    @field_serializer("fallbacks", mode="wrap")
+    def _fallbacks_as_ids(self, value: Any, handler: SerializerFunctionWrapHandler) -> Any:
+        """A fallback on the node's own broker is written back as its bare id."""
+        return [
+            entry.parent if entry.broker is None else dumped
+            for entry, dumped in zip(self.fallbacks, handler(value), strict=True)
+        ]
+
+    @property
+    def fallback_ids(self) -> list[str]:
+        """The fallback parents' ids, in order."""
+        return [entry.parent for entry in self.fallbacks]
+
+    def broker_of(self, parent: str) -> BrokerAddress:
+        """Where ``parent`` serves its children: a fallback's broker if it names one, else
+        this link's (a parent named by hand, not among the fallbacks, too)."""
+        for entry in self.fallbacks:
+            if entry.parent == parent and entry.broker is not None:
+                return entry.broker
+        return self.broker
 
 
 def _check_server_address(value: str) -> str:
@@ -516,9 +558,9 @@ class FederationConfig(_Frozen):
     deployment: DeploymentConfig | None = None
     """Brokers, sites and hosts of a real fleet, for ``hfl-mqtt plan`` (hfl_mqtt/deployment.py)."""
     fallback_parents: bool = False
-    """Give every node below the root's children fallback parents (its parent's siblings,
-    then its grandparent, where they share its broker) and every aggregator the matching
-    ``adoptees``: see docs/reparenting.md."""
+    """Give every node below the root's children fallback parents (its parent's next sibling,
+    then its grandparent, each with its broker where that is not the node's) and every
+    aggregator the matching ``adoptees``: see docs/reparenting.md."""
 
     @model_validator(mode="after")
     def _shape(self) -> FederationConfig:
@@ -577,7 +619,7 @@ class FederationConfig(_Frozen):
         def down_broker(node: str) -> BrokerAddress:
             return brokers.get(node, default) if self.brokers == "per_edge" else default
 
-        fallbacks: dict[str, list[str]] = {}
+        fallbacks: dict[str, list[FallbackParent]] = {}
         adoptees: dict[str, list[str]] = {}
         if self.fallback_parents:
             for node, parent in parents.items():
@@ -588,12 +630,13 @@ class FederationConfig(_Frozen):
                 at = uncles.index(parent)
                 sibling = uncles[(at + 1) % len(uncles)]
                 mine = self._broker_of(node, parent, brokers, default)
-                chosen = [
-                    c
-                    for c in dict.fromkeys([sibling, grandparent])
-                    if c != parent and down_broker(c) == mine
+                chosen = [c for c in dict.fromkeys([sibling, grandparent]) if c != parent]
+                fallbacks[node] = [
+                    FallbackParent(
+                        parent=c, broker=None if down_broker(c) == mine else down_broker(c)
+                    )
+                    for c in chosen
                 ]
-                fallbacks[node] = chosen
                 for candidate in chosen:
                     adoptees.setdefault(candidate, []).append(node)
         configs = []

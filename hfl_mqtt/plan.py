@@ -185,8 +185,7 @@ def make_plan(
     users: dict[str, list[str]] = {name: [] for name in brokers}
     nodes = []
     for node in config_for_nodes.node_configs(addresses):
-        links = [link for link in (node.upstream, node.downstream) if link is not None]
-        for name in dict.fromkeys(broker_at[link.broker.host, link.broker.port] for link in links):
+        for name in dict.fromkeys(broker_at[b.host, b.port] for b in _brokers_used(node)):
             users[name].append(node.node)
         nodes.append(_with_credentials(node, tls=tls, client_certs=client_certs))
     _check_user_names([n.node for n in nodes], brokers)
@@ -210,6 +209,14 @@ def make_plan(
     return Plan(config, plans, tuple(nodes), tls=tls, client_certs=client_certs)
 
 
+def _brokers_used(node: NodeConfig) -> list[BrokerAddress]:
+    """Every broker ``node`` may connect to: its links', and its fallback parents'."""
+    used = [link.broker for link in (node.upstream, node.downstream) if link is not None]
+    if node.upstream is not None:
+        used += [f.broker for f in node.upstream.fallbacks if f.broker is not None]
+    return used
+
+
 def _check_user_names(nodes: list[str], brokers: dict[str, DeploymentBroker]) -> None:
     reserved = {f"bridge-{b}": f"broker {b}'s bridge" for b in brokers}
     reserved[OPERATOR] = "the operator"
@@ -219,8 +226,8 @@ def _check_user_names(nodes: list[str], brokers: dict[str, DeploymentBroker]) ->
 
 
 def _with_credentials(node: NodeConfig, *, tls: bool, client_certs: bool) -> NodeConfig:
-    """``node`` with its user, password file and TLS files on both links (paths relative to
-    ``DIR/nodes``, where its file is written)."""
+    """``node`` with its user, password file and TLS files on both links and every fallback's
+    broker (paths relative to ``DIR/nodes``, where its file is written)."""
     me = node.node
     tls_config = None
     if tls or client_certs:
@@ -235,7 +242,15 @@ def _with_credentials(node: NodeConfig, *, tls: bool, client_certs: bool) -> Nod
     for side in ("upstream", "downstream"):
         link = getattr(node, side)
         if link is not None:
-            update[side] = link.model_copy(update={"broker": link.broker.model_copy(update=secure)})
+            changes: dict[str, object] = {"broker": link.broker.model_copy(update=secure)}
+            if side == "upstream":
+                changes["fallbacks"] = [
+                    f
+                    if f.broker is None
+                    else f.model_copy(update={"broker": f.broker.model_copy(update=secure)})
+                    for f in link.fallbacks
+                ]
+            update[side] = link.model_copy(update=changes)
     return node.model_copy(update=update)
 
 
@@ -257,10 +272,14 @@ def acl_rules(plan: Plan, broker: BrokerPlan) -> tuple[list[AclRule], dict[str, 
     for user in broker.users:
         node = by_id[user]
         rules: list[AclRule] = []
-        if node.upstream is not None:
-            for parent in [node.upstream.parent, *node.upstream.fallbacks]:
+        upstream = node.upstream
+        if upstream is not None:
+            for parent in [upstream.parent, *upstream.fallback_ids]:
+                there = upstream.broker_of(parent)
+                if (there.host, there.port) != (broker.host, broker.port):
+                    continue  # that parent's topics are on another broker
                 rules.append(("read", topics.model_topic(fed, parent) + "/#"))
-                if node.upstream.fallbacks:  # to see it go offline (its Last Will)
+                if upstream.fallbacks:  # to see it go offline (its Last Will)
                     rules.append(("read", topics.status_topic(fed, parent)))
         downstream = node.downstream
         adoptees = downstream.adoptees if downstream is not None else []
@@ -409,6 +428,13 @@ def _node_document(node: NodeConfig) -> dict[str, Any]:
         if link is not None:
             address = {"host": link.broker.host, "port": link.broker.port}
             data[side]["broker"] = {**address, **data[side].get("broker", {})}
+    if node.upstream is not None:
+        for entry, dumped in zip(
+            node.upstream.fallbacks, data["upstream"].get("fallbacks", []), strict=True
+        ):
+            if entry.broker is not None:
+                address = {"host": entry.broker.host, "port": entry.broker.port}
+                dumped["broker"] = {**address, **dumped.get("broker", {})}
     return data
 
 

@@ -121,13 +121,31 @@ def test_every_file_loads_back_with_its_secrets_private(tmp_path: Path) -> None:
             if line[:5] == "user "
         ]
         assert acl_users == list(users)
-    assert plan.brokers["site-a"].users == ("edge-0", "worker-0", "worker-1")
+    # Workers 2 and 3 (under edge-1, on the cloud's broker) may move to edge-0 on site-a.
+    assert plan.brokers["site-a"].users == ("edge-0", *(f"worker-{i}" for i in range(4)))
     assert "bridge-site-a" in plan.users(plan.brokers["cloud"])
     assert mode(out / "brokers" / "site-a" / "mosquitto.conf") == 0o600  # holds a password
     start = (out / "START.md").read_text()
     assert "### pi-lab: worker-0, worker-1" in start
     assert "secrets/worker-0.password" in start
     assert "pki/ca.key" in start
+
+
+def test_a_fallback_on_another_broker_has_the_nodes_credentials_there(tmp_path: Path) -> None:
+    """Workers 0 and 1 (edge-0's, on site-a) may move to edge-1 and the cloud, on the cloud's
+    broker: they are users there, logging in as themselves."""
+    plan, out = make(tmp_path, tls=True, client_certs=True)
+    assert {"worker-0", "worker-1"} <= set(plan.brokers["cloud"].users)
+    worker0 = load_node(out / "nodes" / "worker-0.yaml").upstream
+    assert worker0 is not None
+    assert worker0.fallback_ids == ["edge-1", "cloud"]
+    password = worker0.broker.password()
+    for entry in worker0.fallbacks:
+        assert entry.broker is not None
+        assert entry.broker.port == plan.brokers["cloud"].port
+        assert entry.broker.username == "worker-0"
+        assert entry.broker.tls is not None
+        assert entry.broker.password() == password
 
 
 def test_the_password_hash_is_mosquitto_passwds(tmp_path: Path) -> None:
@@ -246,7 +264,15 @@ def test_per_edge_brokers_get_a_bridged_broker_each(tmp_path: Path) -> None:
         ("edge-0", 1884, "cloud"),
         ("edge-1", 1885, "cloud"),
     ]
-    assert plan.brokers["edge-1"].users == ("edge-1", "worker-2", "worker-3")
+    # edge-0's workers may move to edge-1 (and the cloud): users there too.
+    assert plan.brokers["edge-1"].users == (
+        "edge-1",
+        "worker-0",
+        "worker-1",
+        "worker-2",
+        "worker-3",
+    )
+    assert plan.brokers["cloud"].users == ("cloud", *(f"worker-{i}" for i in range(4)))
 
 
 @pytest.mark.parametrize(

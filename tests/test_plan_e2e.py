@@ -84,7 +84,7 @@ async def test_the_plans_acl_lets_a_node_move_to_its_fallback(tmp_path: Path) ->
     nodes = {path.stem: load_node(path) for path in sorted((out / "nodes").glob("*.yaml"))}
     worker = nodes["worker-0"].upstream
     assert worker is not None
-    assert worker.fallbacks == ["edge-1", "cloud"]
+    assert worker.fallback_ids == ["edge-1", "cloud"]
     (broker,) = plan.brokers.values()
     operator = (out / "secrets" / f"{OPERATOR}.password").read_text().strip()
     events: list[dict[str, object]] = []

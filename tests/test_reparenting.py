@@ -14,7 +14,7 @@ import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
-from hfl_mqtt.config import FederationConfig, NodeConfig, UpstreamConfig
+from hfl_mqtt.config import FallbackParent, FederationConfig, NodeConfig, UpstreamConfig
 from hfl_mqtt.roles.messages import JOIN, LEAVE, parse_status_parent
 from hfl_mqtt.roles.node import run_node
 from hfl_mqtt.roles.parentage import Parentage
@@ -101,7 +101,8 @@ def test_fallback_parents_fill_a_sibling_then_the_grandparent_and_the_adoptees()
     nodes = {n.node: n for n in config.node_configs({})}
     up = nodes["worker-5"].upstream
     assert up is not None
-    assert (up.parent, up.fallbacks) == ("edge-2", ["edge-0", "cloud"])  # wraps around
+    assert (up.parent, up.fallback_ids) == ("edge-2", ["edge-0", "cloud"])  # wraps around
+    assert all(entry.broker is None for entry in up.fallbacks)  # one broker: its own
     down = nodes["edge-0"].downstream
     assert down is not None
     assert down.adoptees == ["worker-4", "worker-5"]
@@ -269,7 +270,11 @@ async def test_a_silent_parent_is_left_after_its_timeout(start_broker: StartBrok
         update={"children": ["worker-1"], "adoptees": ["worker-0"], "max_seconds": 4.0}
     )
     up = worker0.upstream.model_copy(
-        update={"parent": "ghost", "fallbacks": ["cloud"], "parent_timeout_s": 1.0}
+        update={
+            "parent": "ghost",
+            "fallbacks": [FallbackParent(parent="cloud")],
+            "parent_timeout_s": 1.0,
+        }
     )
     nodes: list[NodeConfig] = [
         cloud.model_copy(update={"downstream": down}),
@@ -313,7 +318,7 @@ async def test_an_edge_moves_up_to_the_cloud_and_keeps_training(start_broker: St
     nodes = {n.node: n for n in config.node_configs({"cloud": address(broker)})}
     edge_up = nodes["edge-0"].upstream
     assert edge_up is not None
-    assert edge_up.fallbacks == ["region-1", "cloud"]
+    assert edge_up.fallback_ids == ["region-1", "cloud"]
     fed = config.federation
     events: list[dict[str, Any]] = []
     watcher = Watcher()

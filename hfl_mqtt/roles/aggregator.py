@@ -36,6 +36,7 @@ from hfl_mqtt.codec import Envelope, Header
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
 from hfl_mqtt.roles.report import Arrival
+from hfl_mqtt.roles.uplinks import OpenLink
 from hfl_mqtt.tasks.base import Task
 from hfl_mqtt.transport.base import LinkBase
 
@@ -55,6 +56,7 @@ class Aggregator(AggregatorBase):
         strategy: RoundStrategy | None = None,
         on_event: EventCallback | None = None,
         state: NodeState | None = None,
+        open_link: OpenLink | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -63,6 +65,7 @@ class Aggregator(AggregatorBase):
             evaluator=evaluator,
             on_event=on_event,
             state=state,
+            open_link=open_link,
         )
         self.strategy: RoundStrategy = strategy or FedAvg(self.rounds_config.server_lr)
         self._streaming = self.strategy if isinstance(self.strategy, StreamingStrategy) else None

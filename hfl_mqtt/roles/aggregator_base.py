@@ -20,7 +20,8 @@ stopping its children: they wait for it to come back.
 Membership is live (docs/reparenting.md): a node among ``adoptees`` that joins (a join message,
 or a status naming this node as its parent) becomes a child; a child whose status names another
 parent, or that leaves, is no longer counted. An aggregator with ``fallbacks`` moves to another
-parent as a worker does (``roles/parentage.py``).
+parent as a worker does (``roles/parentage.py``), through ``roles/uplinks.py`` when that parent
+is on another broker.
 
 With a ``NodeState`` (``checkpoint.py``) the node writes its state before publishing every
 ``checkpoint_every``-th version, after every report up and at a clean stop, and a node given a
@@ -65,6 +66,7 @@ from hfl_mqtt.roles.messages import (
 )
 from hfl_mqtt.roles.parentage import Parentage
 from hfl_mqtt.roles.report import NodeReport, reject_reason
+from hfl_mqtt.roles.uplinks import OpenLink, Uplinks
 from hfl_mqtt.tasks.base import RoundAware, Task
 from hfl_mqtt.topics import (
     ctl_topic,
@@ -76,7 +78,7 @@ from hfl_mqtt.topics import (
     up_filter,
     up_topic,
 )
-from hfl_mqtt.transport.base import Incoming, LinkBase
+from hfl_mqtt.transport.base import Channel, Incoming, LinkBase
 
 __all__ = ["AggregatorBase", "EventCallback", "Step"]
 
@@ -107,6 +109,7 @@ class AggregatorBase(ABC):
         evaluator: Task | None = None,
         on_event: EventCallback | None = None,
         state: NodeState | None = None,
+        open_link: OpenLink | None = None,
     ) -> None:
         if config.downstream is None:
             raise ValueError(f"aggregator {config.node} needs a downstream link")
@@ -125,6 +128,8 @@ class AggregatorBase(ABC):
             Parentage(config.upstream, time.monotonic()) if config.upstream is not None else None
         )
         self.down, self.up = down, up
+        self.uplinks = _uplinks(config, down, up, open_link)
+        """``up``, and the links to fallback parents on other brokers (``open_link``)."""
         self.is_root = config.role == "root"
         if self.is_root and evaluator is None:
             raise ValueError("the root needs an evaluator task (its initial model and test data)")
@@ -208,10 +213,11 @@ class AggregatorBase(ABC):
         """Run until the global rounds are done (root), the parent says stop, or ``stop`` is
         set (then the children are not stopped)."""
         fed, me = self.config.federation, self.config.node
-        async with asyncio.TaskGroup() as tasks:
+        async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
             pumps = [tasks.create_task(self._pump(self.down), name=f"{me}:down")]
-            if self.up is not None and self.up is not self.down:
-                pumps.append(tasks.create_task(self._pump(self.up), name=f"{me}:up"))
+            if self.uplinks is not None:
+                await stack.enter_async_context(self.uplinks)
+                pumps.append(tasks.create_task(self._pump(self.uplinks), name=f"{me}:up"))
             if stop is not None:
                 pumps.append(tasks.create_task(self._stop_on(stop), name=f"{me}:stop"))
             await self.down.subscribe(up_filter(fed, me))
@@ -219,13 +225,13 @@ class AggregatorBase(ABC):
                 await self.down.subscribe(status_topic(fed, child))
             if self.config.downstream is not None and self.config.downstream.adoptees:
                 await self.down.subscribe(join_filter(fed, me))
-            control = self.up if self.up is not None else self.down
+            control: Channel = self.uplinks if self.uplinks is not None else self.down
             await control.subscribe(ctl_topic(fed, me))
-            if self.up is not None and self.parentage is not None:
-                await self.up.subscribe(model_topic(fed, self.parent), chunked_retained=True)
+            if self.uplinks is not None and self.parentage is not None:
+                await self.uplinks.subscribe(model_topic(fed, self.parent), chunked_retained=True)
                 if self.parentage.fallbacks or self.parentage.timeout_s is not None:
                     for parent in self.parentage.candidates:
-                        await self.up.subscribe(status_topic(fed, parent))
+                        await self.uplinks.subscribe(status_topic(fed, parent))
             try:
                 await self._loop()
             finally:
@@ -234,7 +240,7 @@ class AggregatorBase(ABC):
             await self._save_checkpoint(final=True)
         return self.report
 
-    async def _pump(self, link: LinkBase) -> None:
+    async def _pump(self, link: Channel) -> None:
         while True:
             await self._events.put(await link.receive())
 
@@ -381,21 +387,24 @@ class AggregatorBase(ABC):
     async def _announce(self, state: str) -> None:
         """Our status: ``idle`` while no child is left (the parent then waits for nothing from
         us), ``online`` (naming our parent if we moved) again once one joins."""
-        if self.up is None or self.parentage is None:
+        if self.uplinks is None or self.parentage is None:
             return
         payload = status_payload(state, parent=self.parent)
-        self.up.online_payload = payload
+        self.uplinks.online_payload = payload
         status = status_topic(self.config.federation, self.config.node)
-        await self.up.publish(status, payload, retain=True)
+        await self.uplinks.publish(status, payload, retain=True)
 
     async def _move(self, parent: str, *, by_hand: bool = False) -> None:
-        """Leave the current parent for ``parent``: announce it, name it in our status, take
-        its retained model (the ledger keeps what was not reported: docs/reparenting.md)."""
+        """Leave the current parent for ``parent`` (or, if its broker cannot be reached, the
+        next candidate): announce it, name it in our status, take its retained model (the
+        ledger keeps what was not reported: docs/reparenting.md)."""
         assert self.parentage is not None
-        assert self.up is not None
+        assert self.uplinks is not None
         fed, me, old = self.config.federation, self.config.node, self.parent
-        if parent == old:
+        target = await self.uplinks.reach(parent, self.parentage, by_hand=by_hand)
+        if target is None or target == old:
             return
+        parent = target
         self.parentage.move(parent, time.monotonic(), by_hand=by_hand)
         self.ledger.rehome()
         self._untaken = None
@@ -403,13 +412,13 @@ class AggregatorBase(ABC):
         self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
         state = "online" if self.children else "idle"
         online = status_payload(state, parent=parent)
-        self.up.online_payload = online
-        await self.up.publish(status_topic(fed, me), online, retain=True)  # first: the truth
-        await self.up.publish(join_topic(fed, old, me), LEAVE)
-        await self.up.publish(join_topic(fed, parent, me), JOIN)
+        self.uplinks.online_payload = online
+        await self.uplinks.publish(status_topic(fed, me), online, retain=True)  # first: the truth
+        await self.uplinks.publish(join_topic(fed, old, me), LEAVE)
+        await self.uplinks.publish(join_topic(fed, parent, me), JOIN)
         if parent not in self.parentage.fallbacks and parent != self.parentage.home:
-            await self.up.subscribe(status_topic(fed, parent))
-        await self.up.subscribe(model_topic(fed, parent), chunked_retained=True)
+            await self.uplinks.subscribe(status_topic(fed, parent))
+        await self.uplinks.subscribe(model_topic(fed, parent), chunked_retained=True)
 
     async def _finish(self) -> None:
         await self._stop_children()
@@ -558,7 +567,7 @@ class AggregatorBase(ABC):
 
     async def _report_up(self, participants: int, loss: float | None) -> None:
         """Send ``x - anchor`` against the parent's version (``UpstreamLedger.report``)."""
-        assert self.up is not None
+        assert self.uplinks is not None
         assert self.config.upstream is not None
         assert self.model is not None
         assert self._up_codec is not None
@@ -591,18 +600,18 @@ class AggregatorBase(ABC):
         topic = up_topic(self.config.federation, self.parent, self.config.node)
         self._untaken = (report.base_version, topic, payload)
         self.report.sent_ids.append(update_id)
-        await self.up.publish(topic, payload)
+        await self.uplinks.publish(topic, payload)
         if self.checkpoints is not None and self.checkpoints.every:
             await self._save_checkpoint()  # the ledger moved: a resume must not report it again
 
     async def _resend_untaken(self, version: int) -> None:
         """The parent's model ``version`` came again: if our last report is against it, send
         the report again (the parent reconnected; the broker may have lost it)."""
-        if self._untaken is not None and self._untaken[0] == version and self.up is not None:
+        if self._untaken is not None and self._untaken[0] == version and self.uplinks is not None:
             _, topic, payload = self._untaken
             self.report.resent += 1
             self._log.info("the parent's model came again: re-sending our report", version=version)
-            await self.up.publish(topic, payload)
+            await self.uplinks.publish(topic, payload)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -745,6 +754,21 @@ def mean_metric(updates: list[Update], name: str) -> float | None:
         max(u.num_examples, 1) for u in updates if isinstance(u.metrics.get(name), int | float)
     ]
     return float(np.average(values, weights=weights))
+
+
+def _uplinks(
+    config: NodeConfig, down: LinkBase, up: LinkBase | None, open_link: OpenLink | None
+) -> Uplinks | None:
+    if up is None or config.upstream is None:
+        return None
+    return Uplinks(
+        up,
+        config.upstream,
+        federation=config.federation,
+        node=config.node,
+        open_link=open_link,
+        read_home=up is not down,  # else it is read as the downstream link
+    )
 
 
 def _codecs(config: NodeConfig) -> tuple[Compressor, Compressor | None]:

@@ -29,6 +29,7 @@ from hfl_mqtt.codec import Envelope, Header
 from hfl_mqtt.config import NodeConfig, RoundConfig
 from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
 from hfl_mqtt.roles.report import Arrival
+from hfl_mqtt.roles.uplinks import OpenLink
 from hfl_mqtt.tasks.base import Task
 from hfl_mqtt.transport.base import LinkBase
 
@@ -47,6 +48,7 @@ class AsyncAggregator(AggregatorBase):
         evaluator: Task | None = None,
         on_event: EventCallback | None = None,
         state: NodeState | None = None,
+        open_link: OpenLink | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -55,6 +57,7 @@ class AsyncAggregator(AggregatorBase):
             evaluator=evaluator,
             on_event=on_event,
             state=state,
+            open_link=open_link,
         )
         rc = self.rounds_config
         if not rc.is_async:

@@ -4,8 +4,9 @@ Every node is the same program. A node with only an upstream link is a worker; w
 downstream link, the root; with both, an aggregator at any depth. The upstream link carries
 the node's status and Last Will (its parent watches it there); the root puts them on its
 downstream link. An aggregator whose parent and children share a broker uses one connection
-for both, under its own id as client id (so a broker ACL's ``%c`` rules apply to it). An
-aggregator with a ``flower_parent`` instead of an upstream link serves a Flower server
+for both, under its own id as client id (so a broker ACL's ``%c`` rules apply to it); a move
+to a fallback parent on another broker opens one more, under the same id (``roles/uplinks.py``).
+An aggregator with a ``flower_parent`` instead of an upstream link serves a Flower server
 (``roles/flower_parent.py``) and, like the root, keeps its status on its downstream link.
 """
 
@@ -40,6 +41,10 @@ over (removing it), or write none."""
 
 LinkFactory = Callable[[BrokerAddress, str, str | None], LinkBase]
 """Makes a link from a broker address, a client id and the status topic it owns (or None)."""
+
+FALLBACK_CONNECT_TIMEOUT_S = 5.0
+"""How long a node moving to a parent on another broker tries to connect there before it
+tries its next fallback."""
 
 
 def mqtt_link_factory(chunk_size: int, *, connect_timeout: float = 20.0) -> LinkFactory:
@@ -84,6 +89,9 @@ async def run_node(
     (``CheckpointError``).
     """
     make = links or mqtt_link_factory(config.chunk_size)
+    make_fallback = links or mqtt_link_factory(
+        config.chunk_size, connect_timeout=FALLBACK_CONNECT_TIMEOUT_S
+    )
     state = _node_state(config, checkpoints)
     status = status_topic(config.federation, config.node)
     strategy = round_strategy(config)  # before connecting: a bad one fails at once
@@ -111,10 +119,15 @@ async def run_node(
                 down_status = status if up is None else None
                 client_id = config.node if up is None else f"{config.node}.down"
                 down = await _enter(stack, make(config.downstream.broker, client_id, down_status))
+
+        def open_link(broker: BrokerAddress) -> LinkBase:
+            """A link to a fallback parent's broker, with the node's status there too."""
+            return make_fallback(broker, config.node, status)
+
         if down is None:
             assert up is not None
             assert task is not None
-            return await Worker(config, up, task).run(stop)
+            return await Worker(config, up, task, open_link=open_link).run(stop)
         evaluator = task if up is None else None
         if config.flower_parent is not None:  # a Flower server above: it drives the cycles
             assert evaluator is not None
@@ -124,10 +137,23 @@ async def run_node(
         is_async = config.downstream is not None and config.downstream.is_async
         if is_async:
             return await AsyncAggregator(
-                config, down, up, evaluator=evaluator, on_event=on_event, state=state
+                config,
+                down,
+                up,
+                evaluator=evaluator,
+                on_event=on_event,
+                state=state,
+                open_link=open_link,
             ).run(stop)
         return await Aggregator(
-            config, down, up, evaluator=evaluator, strategy=strategy, on_event=on_event, state=state
+            config,
+            down,
+            up,
+            evaluator=evaluator,
+            strategy=strategy,
+            on_event=on_event,
+            state=state,
+            open_link=open_link,
         ).run(stop)
     raise AssertionError("unreachable")
 

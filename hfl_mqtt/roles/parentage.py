@@ -21,7 +21,7 @@ class Parentage:
     def __init__(self, upstream: UpstreamConfig, now: float) -> None:
         self.home = upstream.parent
         self.current = upstream.parent
-        self.fallbacks = list(upstream.fallbacks)
+        self.fallbacks = upstream.fallback_ids
         self.return_home = upstream.return_to_parent
         self.timeout_s = upstream.parent_timeout_s
         self._online: dict[str, bool] = {}
@@ -57,6 +57,12 @@ class Parentage:
             return None
         self._last_model = now  # one move per timeout
         self._online[self.current] = False
+        return self._next()
+
+    def unreachable(self, node: str) -> str | None:
+        """``node``'s broker could not be reached: it counts as offline; returns the parent to
+        try next (None: nowhere left, stay)."""
+        self._online[node] = False
         return self._next()
 
     def move(self, parent: str, now: float, *, by_hand: bool = False) -> None:

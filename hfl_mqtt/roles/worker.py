@@ -17,7 +17,8 @@ delta being sent is sent first.
 
 A worker with ``fallbacks`` moves to another parent when its own goes offline (or falls
 silent), and back (``roles/parentage.py``, docs/reparenting.md); a ``reparent`` control
-message moves it by hand.
+message moves it by hand. A fallback on another broker is reached through a link of its own
+(``roles/uplinks.py``).
 
 A worker with a ``device`` (``NodeConfig.device``) plays a slower board: each training run
 takes at least ``slowdown * (training seconds + compute_s)``, its link to the parent adds
@@ -32,7 +33,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -55,6 +56,7 @@ from hfl_mqtt.roles.messages import (
 )
 from hfl_mqtt.roles.parentage import Parentage
 from hfl_mqtt.roles.report import NodeReport, reject_reason
+from hfl_mqtt.roles.uplinks import OpenLink, Uplinks
 from hfl_mqtt.tasks.base import RoundAware, Task, TrainResult
 from hfl_mqtt.topics import (
     ctl_topic,
@@ -64,7 +66,7 @@ from hfl_mqtt.topics import (
     status_topic,
     up_topic,
 )
-from hfl_mqtt.transport.base import Incoming, LinkBase
+from hfl_mqtt.transport.base import Channel, Incoming, LinkBase
 from hfl_mqtt.transport.shaping import LinkShaper, ShapedLink
 
 __all__ = ["Worker"]
@@ -79,24 +81,23 @@ _SILENT = Incoming("", b"")
 _Kind = Literal["stop", "model", "status", "reparent", "silent"]
 
 
-class _Channel(Protocol):
-    """What the worker uses of its link: a ``LinkBase`` or a ``ShapedLink`` around one."""
-
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
-    async def subscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None: ...
-    async def receive(self) -> Incoming: ...
-    def receive_nowait(self) -> Incoming | None: ...
-
-
 class Worker:
-    """Trains on each model from the parent and sends the delta up."""
+    """Trains on each model from the parent and sends the delta up.
 
-    def __init__(self, config: NodeConfig, up: LinkBase, task: Task) -> None:
+    ``open_link``: how to connect to a fallback parent's broker when it is not ``up``'s.
+    """
+
+    def __init__(
+        self, config: NodeConfig, up: LinkBase, task: Task, *, open_link: OpenLink | None = None
+    ) -> None:
         if config.upstream is None:
             raise ValueError(f"worker {config.node} needs an upstream link")
         self.config = config
         self.parentage = Parentage(config.upstream, time.monotonic())
         self.up = up
+        self.uplinks = Uplinks(
+            up, config.upstream, federation=config.federation, node=config.node, open_link=open_link
+        )
         self.task = task
         self.report = NodeReport(config.node, "worker", config.level, up=up.stats)
         up.on_reject = self.report.reject_decode
@@ -118,13 +119,13 @@ class Worker:
         self.device = config.device
         # The worker's own draws (dropouts): the same device seed, the same sequence.
         self._rng = np.random.default_rng(self.device.seed if self.device else 0)
-        self._link: _Channel = up
+        self._link: Channel = self.uplinks
         if self.device is not None:
             shaper = LinkShaper(
                 self.device.latency_s, self.device.up_bytes_per_s, self.device.down_bytes_per_s
             )
             if shaper.shapes:
-                self._link = ShapedLink(up, shaper)
+                self._link = ShapedLink(self.uplinks, shaper)
 
     @property
     def parent(self) -> str:
@@ -135,6 +136,7 @@ class Worker:
         """Serve until the parent says stop, or ``stop`` is set."""
         self._stop = stop
         async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.uplinks)
             if isinstance(self._link, ShapedLink):
                 await stack.enter_async_context(self._link)
             if self.device is not None:
@@ -215,12 +217,15 @@ class Worker:
             await self._move(target)
 
     async def _move(self, parent: str, *, by_hand: bool = False) -> None:
-        """Leave the current parent for ``parent``: announce it, say so in our status, and
-        take ``parent``'s retained model (a fresh subscription delivers it)."""
+        """Leave the current parent for ``parent`` (or, if its broker cannot be reached, the
+        next candidate): announce it, say so in our status, and take the new parent's retained
+        model (a fresh subscription delivers it)."""
         fed, me = self.config.federation, self.config.node
         old = self.parent
-        if parent == old:
+        target = await self.uplinks.reach(parent, self.parentage, by_hand=by_hand)
+        if target is None or target == old:
             return
+        parent = target
         self.parentage.move(parent, time.monotonic(), by_hand=by_hand)
         self._untaken = None
         self._keep_training_on = None
@@ -228,7 +233,7 @@ class Worker:
         self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
         self.report.reparented += 1
         online = status_payload("online", parent=parent)
-        self.up.online_payload = online
+        self.uplinks.online_payload = online
         await self._link.publish(status_topic(fed, me), online, retain=True)  # first: the truth
         await self._link.publish(join_topic(fed, old, me), LEAVE)
         await self._link.publish(join_topic(fed, parent, me), JOIN)

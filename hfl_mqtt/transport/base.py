@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import structlog
 
@@ -31,7 +31,7 @@ from hfl_mqtt.codec.chunking import DEFAULT_CHUNK_SIZE, Reassembler, is_chunk, s
 from hfl_mqtt.errors import DecodeError, HflError, TransportError
 from hfl_mqtt.topics import chunk_topic
 
-__all__ = ["Incoming", "LinkBase", "LinkStats"]
+__all__ = ["Channel", "Incoming", "LinkBase", "LinkStats"]
 
 log = structlog.get_logger("hfl_mqtt.transport")
 
@@ -53,6 +53,16 @@ class Incoming:
     topic: str
     payload: bytes
     retain: bool = False
+
+
+class Channel(Protocol):
+    """What a role uses of a link to send and receive: a ``LinkBase``, or something standing
+    for one (a shaped link, a node's links to several brokers)."""
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
+    async def subscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None: ...
+    async def receive(self) -> Incoming: ...
+    def receive_nowait(self) -> Incoming | None: ...
 
 
 @dataclass(slots=True)

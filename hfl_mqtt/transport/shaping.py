@@ -8,7 +8,7 @@ N / bandwidth after the previous one has gone through, and then travels ``latenc
     delivered (or sent) at = link free at + latency
 
 Latency is propagation: it overlaps between messages; the transmission time does not.
-``ShapedLink`` applies it around a ``LinkBase``, both directions, with no ``tc`` needed: a
+``ShapedLink`` applies it around a link (a ``Channel``), both directions, with no ``tc`` needed: a
 publish is held until its time, a received message is handed over no earlier than its time.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from hfl_mqtt.transport.base import Incoming, LinkBase
+from hfl_mqtt.transport.base import Channel, Incoming
 
 __all__ = ["LinkShaper", "ShapedLink"]
 
@@ -66,7 +66,7 @@ class ShapedLink:
 
     def __init__(
         self,
-        link: LinkBase,
+        link: Channel,
         shaper: LinkShaper,
         *,
         clock: Callable[[], float] | None = None,
