@@ -5,14 +5,17 @@ workers; digits, softmax; deadlines and a minimum participation at every aggrega
 ``checkpoint_every: 1``) runs as separate ``python -m hfl_mqtt.cli run --log-format json``
 processes: the cloud alone, each edge alone, the workers ``--workers-per-process`` to a process,
 so a ``kill -9`` is a real crash. Every aggregator checkpoints into the run's own directory. The
-brokers are private Mosquitto processes on free loopback ports, persisting every change.
+brokers are private Mosquitto processes on free loopback ports, with the settings the project
+ships (``brokers/cloud.conf``: persistence, the database saved every 10 s).
 
 Scenarios, each after ``--fault-after`` global rounds, at a random moment of the next round:
 
 - ``broker_persistence`` / ``broker_no_persistence`` (a): the broker killed -9, down
-  ``--outage-s``, started again on the same port with its database, or without persistence;
-- ``workers`` (b): ``--worker-kill-fraction`` of the worker processes (rounded up) killed -9 at
-  random moments within two rounds, each restarted ``--outage-s`` later;
+  ``--outage-s``, started again on the same port with its database as last saved, or without
+  persistence;
+- ``workers`` (b): worker processes holding ``--worker-kill-fraction`` of the workers (rounded
+  up; one worker a process by default) killed -9 at random moments within two rounds, each
+  restarted ``--outage-s`` later;
 - ``edge`` (c): ``edge-0``'s process killed -9 and restarted (it resumes from its checkpoint);
   with ``fallback_parents: true`` when ``FederationConfig`` has that setting;
 - ``cloud`` (d): the cloud's process killed -9 and restarted (it resumes at the same version);
@@ -23,15 +26,21 @@ Scenarios, each after ``--fault-after`` global rounds, at a random moment of the
 - ``site_cut`` (f): one broker per edge, bridged to the cloud's broker through a TCP relay of this
   script; ``edge-0``'s relay drops its connections and refuses new ones for ``--outage-s``.
 
-Each is compared with a clean run of the same seed and broker layout. Accounting survives kills:
+Each is compared with a clean run of the same seed and broker layout, for every ``--seeds``
+(clean runs first for even seeds, last for odd ones). Accounting survives kills:
 an observer (one MQTT client per broker, subscribed to ``hfl/{fed}/#``) decodes every delta's
 header (update id, sender, base version) as "sent"; "accepted" are the aggregators' ``update
 accepted`` log lines followed by a ``round closed`` in the same process (an update taken by a node
 that was killed before closing its round is not counted). The global rounds and their accuracy
 come from the cloud's ``global round`` lines. Times count from the cloud's first model seen by the
-observer. Plots (accuracy against time, failures shaded) go next to the JSON.
+observer. A node's move to another parent and back is read from the statuses it publishes (each
+names its parent). The stall target counts from the moment the failed part is back or, if that
+comes first, its children have all re-homed. Plots (accuracy against time, one panel per seed,
+failures marked) go next to the JSON; ``--results-md`` rewrites the chaos section of RESULTS.md
+from the results, ``--from-json`` does it (and the plots) again from a saved JSON.
 
-    python benchmarks/chaos_bench.py --json benchmarks/out/chaos.json
+    python benchmarks/chaos_bench.py --json benchmarks/out/chaos.json \\
+        --results-md benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -67,6 +77,7 @@ from hfl_mqtt.brokers import (
     BrokerConfig,
     MosquittoBroker,
     edge_bridge_topics,
+    find_mosquitto,
     free_port,
 )
 from hfl_mqtt.codec import Envelope, decode_envelope, encode_envelope
@@ -85,8 +96,6 @@ SCENARIOS = (
     "injection",
     "site_cut",
 )
-SAVE_EVERY_CHANGE = BrokerConfig(autosave_on_changes=True, autosave_interval=1)
-"""Persistence that survives a SIGKILL: the database is written after every change."""
 TARGET_STALL_S = 5.0
 TARGET_ACCURACY_POINTS = 0.01
 END_GRACE_S = 30.0
@@ -94,12 +103,16 @@ END_GRACE_S = 30.0
 STAYS_FOR = 3
 """Evaluations in a row at or above the target for it to count as reached."""
 _SESSION_EXPIRY_S = 3600
+_QUIET = logging.getLogger("chaos_bench.observer")
+"""The observer's MQTT client logger: the broker crashes on purpose, its resets are no news."""
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 
 
 # --- the federation ---------------------------------------------------------------------------
 
 
-def federation(args: argparse.Namespace, scenario: str) -> FederationConfig:
+def federation(args: argparse.Namespace, scenario: str, seed: int) -> FederationConfig:
     """The federation every run uses; ``site_cut`` on bridged per-edge brokers, ``edge`` with
     fallback parents when the config knows them."""
     levels = [
@@ -125,12 +138,12 @@ def federation(args: argparse.Namespace, scenario: str) -> FederationConfig:
         "federation": f"chaos-{scenario.replace('_', '-')}",
         "levels": [level.model_dump(mode="json") for level in levels],
         "fanout": [args.edges, args.workers_per_edge],
-        "seed": args.seed,
+        "seed": seed,
         "brokers": "per_edge" if scenario == "site_cut" else "single",
         "task": {
             "dataset": "digits",
             "model": "softmax",
-            "seed": args.seed,
+            "seed": seed,
             "partition": {"scheme": "iid"},
             "train": {
                 "epochs": args.epochs,
@@ -240,6 +253,17 @@ class NodeProcess:
 
 
 @dataclass(frozen=True, slots=True)
+class Status:
+    """A node's status message as the observer saw it (``parent``: where the node says it is)."""
+
+    at: float
+    node: str
+    state: str
+    parent: str | None
+    retained: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Sent:
     update_id: str
     sender: str
@@ -258,7 +282,7 @@ class Observer:
         self.tag = tag
         self.sent: dict[str, Sent] = {}
         self.models: dict[tuple[str, int], float] = {}
-        self.statuses: list[tuple[float, str, str, bool]] = []
+        self.statuses: list[Status] = []
         self.samples: dict[str, bytes] = {}
         """The latest real message per topic (deltas and models), for replays and spoofs."""
         self.ignored: set[str] = set()
@@ -283,6 +307,7 @@ class Observer:
                     properties=properties,
                     keepalive=5,
                     timeout=2,
+                    logger=_QUIET,
                 ) as client:
                     await client.subscribe(f"hfl/{self.federation}/#", qos=1)
                     async for message in client.messages:
@@ -299,9 +324,11 @@ class Observer:
         node, kind = parts[2], parts[3]
         if kind == "status":
             with contextlib.suppress(ValueError, AttributeError):
-                state = json.loads(payload).get("state")
-                if isinstance(state, str):
-                    self.statuses.append((now, node, state, retained))
+                value = json.loads(payload)
+                state, parent = value.get("state"), value.get("parent")
+                if isinstance(state, str) and len(parts) == 4:
+                    under = parent if isinstance(parent, str) else None
+                    self.statuses.append(Status(now, node, state, under, retained))
         elif kind in ("model", "up") and not payload.startswith(CHUNK_MAGIC):
             try:
                 header = decode_envelope(payload).header
@@ -334,7 +361,7 @@ class Observer:
             return False
 
     def online_since(self, nodes: list[str], since: float) -> bool:
-        live = {n for t, n, s, retained in self.statuses if t >= since and s == "online"}
+        live = {s.node for s in self.statuses if s.at >= since and s.state == "online"}
         return all(n in live for n in nodes)
 
 
@@ -396,15 +423,18 @@ class Event:
 class Run:
     """One federation run of one scenario (or a clean run), from brokers up to the accounting."""
 
-    def __init__(self, args: argparse.Namespace, scenario: str, clean: bool, workdir: Path):
+    def __init__(
+        self, args: argparse.Namespace, scenario: str, seed: int, clean: bool, workdir: Path
+    ) -> None:
         self.args = args
         self.scenario = scenario
+        self.seed = seed
         self.clean = clean
         self.name = f"{scenario}-clean" if clean else scenario
         self.workdir = workdir
-        self.config = federation(args, scenario)
+        self.config = federation(args, scenario, seed)
         self.fed = self.config.federation
-        self.rng = random.Random(args.seed * 1000 + SCENARIOS.index(scenario))
+        self.rng = random.Random(seed * 1000 + SCENARIOS.index(scenario))
         self.brokers: dict[str, MosquittoBroker] = {}
         self.relays: dict[str, Relay] = {}
         self.processes: list[NodeProcess] = []
@@ -419,7 +449,10 @@ class Run:
 
     async def _start_brokers(self) -> dict[str, BrokerAddress]:
         persistence = not (self.scenario == "broker_no_persistence" and not self.clean)
-        base = SAVE_EVERY_CHANGE if persistence else BrokerConfig(persistence=False)
+        # As shipped: a SIGKILL loses what changed since the last save (up to 10 s). Saving on
+        # every change instead stalls Mosquitto (single-threaded) rewriting its database while
+        # megabytes are queued.
+        base = BrokerConfig(persistence=persistence)
         cloud = MosquittoBroker(base, self.workdir / "broker-cloud")
         await asyncio.to_thread(cloud.start)
         self.brokers["cloud"] = cloud
@@ -472,7 +505,8 @@ class Run:
             kids = tree[edge]
             for at in range(0, len(kids), size):
                 group = kids[at : at + size]
-                self.processes.append(process(f"{group[0]}+{len(group)}", group))
+                name = group[0] if len(group) == 1 else f"{group[0]}+{len(group)}"
+                self.processes.append(process(name, group))
 
     def process(self, name: str) -> NodeProcess:
         return next(p for p in self.processes if p.name == name)
@@ -554,9 +588,14 @@ class Run:
             await asyncio.to_thread(broker.start)
             self.returned = self.mark("back", "broker")
         elif scenario == "workers":
-            workers = [p for p in self.processes if p.name not in self.config.tree()]
-            count = max(1, math.ceil(self.args.worker_kill_fraction * len(workers)))
-            victims = self.rng.sample(workers, count)
+            groups = [p for p in self.processes if p.name not in self.config.tree()]
+            share = self.args.worker_kill_fraction * self.config.num_workers
+            wanted = max(1, math.ceil(share - 1e-9))
+            victims: list[NodeProcess] = []
+            for proc in self.rng.sample(groups, len(groups)):
+                if sum(len(v.nodes) for v in victims) >= wanted:
+                    break
+                victims.append(proc)
             moments = sorted(self.rng.uniform(0, 2 * round_s) for _ in victims)
             async with asyncio.TaskGroup() as group:
                 for victim, moment in zip(victims, moments, strict=True):
@@ -612,6 +651,7 @@ class Run:
         }
         samples = self.observer.samples
         any_delta = next(v for k, v in samples.items() if "/up/" in k)
+        burst: list[tuple[str, bytes]] = []
         for kind, pairs in targets.items():
             for topic, impostor in pairs:
                 real = samples.get(topic, any_delta)
@@ -622,8 +662,13 @@ class Run:
                     "spoofed": self._spoof(real, impostor),
                 }
                 for what, payload in payloads.items():
-                    await self._publish(topic, payload)
+                    burst.append((topic, payload))
                     self.injected[f"{kind}:{what}"] += 1
+        # All at once: one after the other, a burst outlasted short rounds (each mosquitto_pub
+        # waits for its PUBACK without TCP_NODELAY, ~50 ms).
+        async with asyncio.TaskGroup() as group:
+            for index, (topic, payload) in enumerate(burst):
+                group.create_task(self._publish(topic, payload, index))
 
     def _spoof(self, payload: bytes, sender: str) -> bytes:
         """The same message re-encoded with ``sender`` in its header (a fresh update id)."""
@@ -637,12 +682,12 @@ class Run:
             header = header.model_copy(update={"version": header.version + 1000})
         return encode_envelope(Envelope(header=header, tensors=envelope.tensors))
 
-    async def _publish(self, topic: str, payload: bytes) -> None:
+    async def _publish(self, topic: str, payload: bytes, index: int) -> None:
         broker = self.brokers["cloud"]
-        path = self.workdir / "payload.bin"
+        path = self.workdir / f"payload-{index}.bin"
         path.write_bytes(payload)
         command = [mosquitto_pub(), "-h", broker.host, "-p", str(broker.port), "-q", "1"]
-        command += ["-t", topic, "-f", str(path), "-i", f"chaos-injector-{self.rng.random()}"]
+        command += ["-t", topic, "-f", str(path), "-i", f"chaos-injector-{index}"]
         process = await asyncio.create_subprocess_exec(
             *command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -693,12 +738,15 @@ class Run:
         ]
         times = [t0, *(t for t, _, _ in rounds)]
         gaps = [b - a for a, b in itertools.pairwise(times)]
+        moves = self._moves()
+        rehomed = self._rehomed(moves)
+        recovered = min((t for t in (self.returned, rehomed) if t is not None), default=None)
         stall_after = None
-        if self.returned is not None:
-            later = [t for t in times if t > self.returned]
+        if recovered is not None:
+            later = [t for t in times if t > recovered]
             if later:
                 stall_after = max(
-                    [later[0] - self.returned] + [b - a for a, b in itertools.pairwise(later)]
+                    [later[0] - recovered] + [b - a for a, b in itertools.pairwise(later)]
                 )
         crashed = [
             f"{proc.name}#{e.incarnation} (exit {e.code})"
@@ -712,6 +760,7 @@ class Run:
         curve = [(round(t - t0, 3), r, a) for t, r, a in rounds]
         return {
             "scenario": self.name,
+            "seed": self.seed,
             "finished": finished,
             "updates_sent": len(sent),
             "updates_accepted": len(accepted & sent.keys()),
@@ -734,8 +783,46 @@ class Run:
                 {"t": round(e.at - t0, 3), "what": e.what, "target": e.target} for e in self.events
             ],
             "returned_t": round(self.returned - t0, 3) if self.returned else None,
+            "rehomed_t": round(rehomed - t0, 3) if rehomed else None,
+            "moves": [
+                {"t": round(m.at - t0, 3), "what": m.what, "target": m.target} for m in moves
+            ],
             "curve": curve,
         }
+
+    def _moves(self) -> list[Event]:
+        """Nodes leaving their home parent (``rehome``) and coming back (``home``), from the
+        statuses they published (each names the parent the node is under; none: its home)."""
+        assert self.observer is not None
+        home = {child: parent for parent, kids in self.config.tree().items() for child in kids}
+        under = dict(home)
+        moves: list[Event] = []
+        for status in sorted(self.observer.statuses, key=lambda s: s.at):
+            node = status.node
+            if node not in home or status.retained or status.state == "offline":
+                continue
+            parent = status.parent or home[node]
+            if parent != under[node]:
+                under[node] = parent
+                what = "home" if parent == home[node] else "rehome"
+                moves.append(Event(status.at, what, f"{node} -> {parent}"))
+        return moves
+
+    def _rehomed(self, moves: list[Event]) -> float | None:
+        """When the last child of the killed aggregators moved to another parent after the
+        first kill; None if some child did not move (or nothing with children was killed)."""
+        names = {proc.name: proc for proc in self.processes}
+        kills = [e for e in self.events if e.what == "kill" and e.target in names]
+        tree = self.config.tree()
+        children = {c for e in kills for n in names[e.target].nodes for c in tree.get(n, [])}
+        if not children:
+            return None
+        moved: dict[str, float] = {}
+        for move in moves:
+            child = move.target.split(" -> ")[0]
+            if move.what == "rehome" and move.at >= kills[0].at and child in children:
+                moved.setdefault(child, move.at)
+        return max(moved.values()) if moved.keys() == children else None
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -771,6 +858,15 @@ def oversized_payload(size: int) -> bytes:
     return prefix + body
 
 
+def mosquitto_version() -> str | None:
+    """The first line of ``mosquitto -h`` (``mosquitto version 2.0.11``)."""
+    binary = find_mosquitto()
+    if binary is None:
+        return None
+    done = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False)
+    return (done.stdout or done.stderr).splitlines()[0] if done.stdout or done.stderr else None
+
+
 def mosquitto_pub() -> str:
     found = shutil.which("mosquitto_pub")
     if found is None:
@@ -779,6 +875,23 @@ def mosquitto_pub() -> str:
 
 
 # --- targets, plots, main ---------------------------------------------------------------------
+
+
+STALL_TARGET = (
+    f"stall <= {TARGET_STALL_S:g} s after the failed part returns or its children re-home"
+)
+SPREAD_FIELDS = (
+    "updates_sent",
+    "updates_accepted",
+    "updates_lost",
+    "max_stall_s",
+    "stall_after_return_s",
+    "seconds_to_target",
+    "final_accuracy",
+    "clean_final_accuracy",
+)
+RESULTS_BEGIN = "<!-- chaos-results: begin (written by benchmarks/chaos_bench.py --results-md) -->"
+RESULTS_END = "<!-- chaos-results: end -->"
 
 
 def check(record: dict[str, Any]) -> dict[str, str]:
@@ -791,9 +904,7 @@ def check(record: dict[str, Any]) -> dict[str, str]:
     clean, final = record["clean_final_accuracy"], record["final_accuracy"]
     targets = {
         "0 updates lost": state(record["finished"] and record["updates_lost"] == 0),
-        f"stall <= {TARGET_STALL_S:g} s after the failed part returns": state(
-            stall is not None and stall <= TARGET_STALL_S
-        ),
+        STALL_TARGET: state(stall is not None and stall <= TARGET_STALL_S),
         "no node crashes but the killed": state(not record["nodes_crashed"]),
     }
     if clean is not None:
@@ -803,35 +914,84 @@ def check(record: dict[str, Any]) -> dict[str, str]:
     return targets
 
 
-def plot(record: dict[str, Any], clean: dict[str, Any] | None, path: Path) -> None:
-    """Accuracy against time, the clean run beside it, failures shaded and marked."""
+def spread(values: list[Any]) -> dict[str, Any]:
+    """Median and range of a metric over seeds (``missing``: seeds where it has no value)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"median": None, "min": None, "max": None, "missing": len(values)}
+    return {
+        "median": statistics.median(known),
+        "min": min(known),
+        "max": max(known),
+        "missing": len(values) - len(known),
+    }
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per scenario: each metric's median and range over the seeds, and in how many
+    seeds each target was met."""
+    summary = []
+    for scenario in dict.fromkeys(r["scenario"] for r in records):
+        runs = [r for r in records if r["scenario"] == scenario]
+        entry: dict[str, Any] = {"scenario": scenario, "seeds": [r["seed"] for r in runs]}
+        for name in SPREAD_FIELDS:
+            entry[name] = spread([r[name] for r in runs])
+        entry["accuracy_vs_clean_points"] = spread(
+            [
+                round(100 * (r["final_accuracy"] - r["clean_final_accuracy"]), 2)
+                if r["final_accuracy"] is not None and r["clean_final_accuracy"] is not None
+                else None
+                for r in runs
+            ]
+        )
+        entry["nodes_crashed"] = sum(len(r["nodes_crashed"]) for r in runs)
+        entry["targets"] = {
+            name: f"met in {sum(r['targets'][name] == 'met' for r in runs)} of {len(runs)}"
+            for name in runs[0]["targets"]
+        }
+        summary.append(entry)
+    return summary
+
+
+def plot(
+    scenario: str, runs: list[tuple[dict[str, Any], dict[str, Any] | None]], path: Path
+) -> None:
+    """Accuracy against time, one panel per seed, the clean run dashed beside it, outages
+    shaded, kills and cuts red, injections orange, re-homing green."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 3.6))
-    if clean is not None and clean["curve"]:
-        xs, _, ys = zip(*clean["curve"], strict=True)
-        axes.plot(xs, ys, color="0.6", linestyle="--", marker=".", label="clean run")
-    if record["curve"]:
-        xs, _, ys = zip(*record["curve"], strict=True)
-        axes.plot(xs, ys, color="tab:blue", marker="o", markersize=3, label=record["scenario"])
-    down: dict[str, float] = {}
-    for event in record["events"]:
-        t, what, target = event["t"], event["what"], event["target"]
-        if what in ("kill", "cut"):
-            down[target] = t
-            axes.axvline(t, color="tab:red", linewidth=0.8)
-        elif what == "back" and target in down:
-            axes.axvspan(down.pop(target), t, color="tab:red", alpha=0.15)
-        elif what == "inject":
-            axes.axvline(t, color="tab:orange", linewidth=0.8)
-    axes.set_xlabel("seconds since the first global model")
-    axes.set_ylabel("test accuracy")
-    axes.set_title(f"{record['scenario']}: failures shaded (red), injections (orange)")
-    axes.legend(loc="lower right")
-    axes.grid(alpha=0.3)
+    figure, panels = plt.subplots(
+        len(runs), 1, figsize=(7, 1.2 + 2.4 * len(runs)), squeeze=False, sharex=True
+    )
+    for (record, clean), (axes,) in zip(runs, panels, strict=True):
+        if clean is not None and clean["curve"]:
+            xs, _, ys = zip(*clean["curve"], strict=True)
+            axes.plot(xs, ys, color="0.6", linestyle="--", marker=".", label="clean run")
+        if record["curve"]:
+            xs, _, ys = zip(*record["curve"], strict=True)
+            axes.plot(xs, ys, color="tab:blue", marker="o", markersize=3, label=scenario)
+        down: dict[str, float] = {}
+        for event in record["events"]:
+            t, what, target = event["t"], event["what"], event["target"]
+            if what in ("kill", "cut"):
+                down[target] = t
+                axes.axvline(t, color="tab:red", linewidth=0.8)
+            elif what == "back" and target in down:
+                axes.axvspan(down.pop(target), t, color="tab:red", alpha=0.15)
+            elif what == "inject":
+                axes.axvline(t, color="tab:orange", linewidth=0.8)
+        for move in record.get("moves", []):
+            if move["what"] == "rehome":
+                axes.axvline(move["t"], color="tab:green", linewidth=0.6, linestyle=":")
+        axes.set_ylabel("test accuracy")
+        axes.set_title(f"seed {record['seed']}", fontsize=9, loc="left")
+        axes.legend(loc="lower right", fontsize=8)
+        axes.grid(alpha=0.3)
+    panels[-1][0].set_xlabel("seconds since the first global model")
+    figure.suptitle(f"{scenario}: outages shaded, kills red, injections orange, re-homing green")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -846,15 +1006,25 @@ def layout(scenario: str) -> str:
     return "broker_persistence"
 
 
+def clean_of(record: dict[str, Any], cleans: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The clean run (same seed and layout) a scenario's run is compared with."""
+    name = f"{layout(record['scenario'])}-clean"
+    return next((c for c in cleans if c["scenario"] == name and c["seed"] == record["seed"]), None)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results here (plots beside it)")
+    parser.add_argument("--results-md", type=Path, help="rewrite the chaos section of this file")
+    parser.add_argument(
+        "--from-json", type=Path, help="run nothing: report (and plot) the results of this file"
+    )
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--no-clean", action="store_true", help="skip the clean runs")
     parser.add_argument("--edges", type=int, default=2)
-    parser.add_argument("--workers-per-edge", type=int, default=4)
-    parser.add_argument("--workers-per-process", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=20, help="global rounds per run")
+    parser.add_argument("--workers-per-edge", type=int, default=5)
+    parser.add_argument("--workers-per-process", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=30, help="global rounds per run")
     parser.add_argument("--epochs", type=int, default=100, help="local epochs (round length)")
     parser.add_argument("--edge-deadline-s", type=float, default=5.0)
     parser.add_argument("--edge-min-fraction", type=float, default=0.5)
@@ -865,7 +1035,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-kill-fraction", type=float, default=0.3)
     parser.add_argument("--learning-rate", type=float, default=0.002)
     parser.add_argument("--target", type=float, default=0.9, help="accuracy target")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--run-timeout-s", type=float, default=240.0)
     parser.add_argument("--workdir", type=Path, help="keep every run's configs and logs here")
     args = parser.parse_args(argv)
@@ -874,72 +1044,225 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every scenario, and the clean runs they compare with, for every seed. The clean runs
+    go first for even seeds and last for odd ones (a drift of the machine's load over the
+    benchmark then favours neither side)."""
     records: list[dict[str, Any]] = []
-    cleans: dict[str, dict[str, Any]] = {}
+    cleans: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         root = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory("-chaos")))
-        for scenario in args.scenarios:
-            base = layout(scenario)
-            if not args.no_clean and base not in cleans:
-                run = Run(args, base, True, root / f"{base}-clean")
-                cleans[base] = asyncio.run(run.execute())
-                say(cleans[base])
-            record = asyncio.run(Run(args, scenario, False, root / scenario).execute())
-            clean = cleans.get(base)
-            record["clean_final_accuracy"] = clean["final_accuracy"] if clean else None
-            record["clean_seconds_to_target"] = clean["seconds_to_target"] if clean else None
-            record["targets"] = check(record)
-            records.append(record)
-            say(record)
+        for index, seed in enumerate(args.seeds):
+            bases = [] if args.no_clean else list(dict.fromkeys(map(layout, args.scenarios)))
+            jobs = [(base, True) for base in bases] + [(s, False) for s in args.scenarios]
+            if index % 2:
+                jobs = jobs[len(bases) :] + jobs[: len(bases)]
+            for scenario, clean in jobs:
+                workdir = root / f"seed{seed}" / (f"{scenario}-clean" if clean else scenario)
+                record = asyncio.run(Run(args, scenario, seed, clean, workdir).execute())
+                (cleans if clean else records).append(record)
+                say(record)
+    for record in records:
+        clean_run = clean_of(record, cleans)
+        record["clean_final_accuracy"] = clean_run["final_accuracy"] if clean_run else None
+        record["clean_seconds_to_target"] = clean_run["seconds_to_target"] if clean_run else None
+        record["targets"] = check(record)
     targets = {
-        f"{r['scenario']}: {name}": state for r in records for name, state in r["targets"].items()
+        f"{scenario}: {name}": "met" if all(r["targets"][name] == "met" for r in runs) else "missed"
+        for scenario in args.scenarios
+        if (runs := [r for r in records if r["scenario"] == scenario])
+        for name in runs[0]["targets"]
     }
-    print()
-    header = f"{'scenario':<24}{'sent':>6}{'acc':>6}{'lost':>6}{'stall':>8}{'after':>8}"
-    print(header + f"{'to tgt':>8}{'final':>8}{'clean':>8}  crashed")
-    for r in records:
-        print(
-            f"{r['scenario']:<24}{r['updates_sent']:>6}{r['updates_accepted']:>6}"
-            f"{r['updates_lost']:>6}{r['max_stall_s']!s:>8}{r['stall_after_return_s']!s:>8}"
-            f"{r['seconds_to_target']!s:>8}{r['final_accuracy']!s:>8}"
-            f"{r['clean_final_accuracy']!s:>8}  {len(r['nodes_crashed'])}"
-        )
-    missed = [name for name, state in targets.items() if state == "missed"]
-    print(f"targets: {len(targets) - len(missed)} met, {len(missed)} missed")
-    for name in missed:
-        print(f"  missed: {name}")
-    result = {
+    return {
         "benchmark": "chaos",
-        "command": " ".join(
-            ["python", "benchmarks/chaos_bench.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": " ".join(["python", "benchmarks/chaos_bench.py", *args.argv]),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "fallback_parents": has_fallback_parents(),
         "machine": {
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
+            "mosquitto": mosquitto_version(),
         },
         "targets": targets,
+        "summary": summarize(records),
         "records": records,
-        "clean": list(cleans.values()),
+        "clean": cleans,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-        for record in records:
-            clean = cleans.get(layout(record["scenario"]))
-            plot(record, clean, args.json.parent / f"chaos-{record['scenario']}.png")
-    return 0 if not missed else 1
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def _cell(value: dict[str, Any], unit: str = "", digits: int = 0, none: str = "-") -> str:
+    """``median (min to max)`` of a spread, or the value alone when every seed agrees; ``none``
+    stands for a seed without a value."""
+
+    def show(v: float) -> str:
+        return f"{v:.{digits}f}" if digits else f"{v:g}"
+
+    if value["median"] is None:
+        return none
+    text = show(value["median"]) + unit
+    if value["min"] != value["max"]:
+        text += f" ({show(value['min'])} to {show(value['max'])})"
+    if value["missing"]:
+        text += f"; {none} in {value['missing']}"
+    return text
+
+
+def _timeline(record: dict[str, Any]) -> str:
+    """What was done to one run and what the run did, in one line."""
+    parts: list[str] = []
+    for event in record["events"]:
+        if event["what"] != "restart":
+            parts.append(f"{event['what']} {event['target']} at {event['t']:.1f} s")
+    moves = record.get("moves", [])
+    rehomes = [m for m in moves if m["what"] == "rehome"]
+    if rehomes:
+        first, last = rehomes[0]["t"], rehomes[-1]["t"]
+        parts.append(f"{len(rehomes)} re-homed ({first:.1f}-{last:.1f} s)")
+        homes = [m for m in moves if m["what"] == "home"]
+        if homes:
+            parts.append(f"{len(homes)} back home by {homes[-1]['t']:.1f} s")
+    refused = ", ".join(f"{n} {reason}" for reason, n in sorted(record["rejected"].items()))
+    parts.append(f"refused: {refused or 'none'}")
+    if record["nodes_crashed"]:
+        parts.append(f"crashed: {', '.join(record['nodes_crashed'])}")
+    return "; ".join(parts)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The RESULTS.md section of a run of this benchmark, from its JSON alone."""
+    params = result["parameters"]
+    seeds = params["seeds"]
+    lines = [
+        f"`{result['command']}` on {result['date']}, {result['machine']['cpu_count']} cores, "
+        f"{result['machine']['mosquitto']}, Python {result['machine']['python']}; "
+        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}): the median, and the range in "
+        "brackets when the seeds differ.",
+        "",
+        f"| scenario | sent | accepted | lost | max stall | stall after recovery "
+        f"| to {params['target']:g} | final accuracy | clean | vs clean (points) | crashed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in summarize(result["records"]):
+        lines.append(
+            f"| {entry['scenario']} | {_cell(entry['updates_sent'])} "
+            f"| {_cell(entry['updates_accepted'])} | {_cell(entry['updates_lost'])} "
+            f"| {_cell(entry['max_stall_s'], ' s', 2)} "
+            f"| {_cell(entry['stall_after_return_s'], ' s', 2, 'no round after')} "
+            f"| {_cell(entry['seconds_to_target'], ' s', 1, 'not reached')} "
+            f"| {_cell(entry['final_accuracy'], '', 4)} "
+            f"| {_cell(entry['clean_final_accuracy'], '', 4)} "
+            f"| {_cell(entry['accuracy_vs_clean_points'], '', 2)} | {entry['nodes_crashed']} |"
+        )
+    cleans = result["clean"]
+    if cleans:
+        reached = ", ".join(
+            f"{c['scenario']} seed {c['seed']}: {c['seconds_to_target']} s" for c in cleans
+        )
+        lines += ["", f"Clean runs, seconds to {params['target']:g}: {reached}."]
+    targets = result["targets"]
+    missed = [name for name, state in targets.items() if state == "missed"]
+    lines += [
+        "",
+        f"Targets (each must hold in every seed): {len(targets) - len(missed)} of "
+        f"{len(targets)} met.",
+    ]
+    for name in missed:
+        scenario, target = name.split(": ", 1)
+        runs = [r for r in result["records"] if r["scenario"] == scenario]
+        where = ", ".join(
+            f"seed {r['seed']}: {_measured(r, target)}"
+            for r in runs
+            if r["targets"][target] == "missed"
+        )
+        lines.append(f"- missed: {name} ({where})")
+    lines += ["", "What each run did (times from the first global model):", ""]
+    for record in result["records"]:
+        lines.append(f"- {record['scenario']}, seed {record['seed']}: {_timeline(record)}.")
+    return "\n".join(lines)
+
+
+def _measured(record: dict[str, Any], target: str) -> str:
+    """The measured value behind a missed target."""
+    if target == "0 updates lost":
+        if not record["finished"]:
+            return "the run did not finish"
+        return f"{record['updates_lost']} lost: {', '.join(record['lost_ids'])}"
+    if target == STALL_TARGET:
+        stall = record["stall_after_return_s"]
+        return "no global round after the recovery" if stall is None else f"{stall} s"
+    if target == "no node crashes but the killed":
+        return ", ".join(record["nodes_crashed"])
+    return f"{record['final_accuracy']} against {record['clean_final_accuracy']}"
+
+
+def write_results_md(path: Path, section: str) -> None:
+    """Replace the text between the chaos markers of ``path`` with ``section``."""
+    text = path.read_text()
+    begin, end = text.find(RESULTS_BEGIN), text.find(RESULTS_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"chaos_bench: {path} has no {RESULTS_BEGIN!r} ... {RESULTS_END!r}")
+    head = text[: begin + len(RESULTS_BEGIN)]
+    path.write_text(f"{head}\n{section}\n{text[end:]}")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print()
+    header = f"{'scenario':<24}{'seed':>5}{'sent':>6}{'acc':>6}{'lost':>6}{'stall':>8}{'after':>8}"
+    print(header + f"{'to tgt':>8}{'final':>8}{'clean':>8}  crashed")
+    for r in result["records"]:
+        print(
+            f"{r['scenario']:<24}{r['seed']:>5}{r['updates_sent']:>6}{r['updates_accepted']:>6}"
+            f"{r['updates_lost']:>6}{r['max_stall_s']!s:>8}{r['stall_after_return_s']!s:>8}"
+            f"{r['seconds_to_target']!s:>8}{r['final_accuracy']!s:>8}"
+            f"{r['clean_final_accuracy']!s:>8}  {len(r['nodes_crashed'])}"
+        )
+    targets = result["targets"]
+    missed = [name for name, state in targets.items() if state == "missed"]
+    print(f"targets: {len(targets) - len(missed)} met, {len(missed)} missed")
+    for name in missed:
+        print(f"  missed: {name}")
+
+
+def plot_all(result: dict[str, Any], directory: Path) -> None:
+    """``chaos-{scenario}.png`` in ``directory`` for every scenario of ``result``."""
+    for entry in result["summary"]:
+        scenario = entry["scenario"]
+        runs = [
+            (r, clean_of(r, result["clean"]))
+            for r in result["records"]
+            if r["scenario"] == scenario
+        ]
+        plot(scenario, runs, directory / f"chaos-{scenario}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        plot_all(result, args.from_json.parent)
+    else:
+        result = run_all(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1))
+            plot_all(result, args.json.parent)
+    print_table(result)
+    if args.results_md is not None:
+        write_results_md(args.results_md, markdown(result))
+    return 0 if all(state == "met" for state in result["targets"].values()) else 1
 
 
 def say(record: dict[str, Any]) -> None:
     print(
-        f"{record['scenario']}: {record['global_rounds']} rounds, final "
+        f"{record['scenario']} (seed {record['seed']}): {record['global_rounds']} rounds, final "
         f"{record['final_accuracy']}, sent {record['updates_sent']}, lost "
-        f"{record['updates_lost']}, max stall {record['max_stall_s']} s, after return "
+        f"{record['updates_lost']}, max stall {record['max_stall_s']} s, after recovery "
         f"{record['stall_after_return_s']} s, crashed {record['nodes_crashed']}",
         flush=True,
     )
