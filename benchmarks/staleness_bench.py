@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from hfl_mqtt.config import FederationConfig, HeterogeneityConfig, LevelConfig
-from hfl_mqtt.sim import configure_logging, simulate
+from hfl_mqtt.sim import configure_logging, read_evaluations, simulate
 from hfl_mqtt.tasks.base import TaskConfig
 
 MODES = ("sync", "fedasync", "fedbuff")
@@ -120,7 +120,7 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     config = federation(mode, args)
     started = time.monotonic()
     summary = asyncio.run(simulate(config, out, log_level=logging.ERROR))
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_evaluations(out / "metrics.jsonl")
     result = record(mode, summary, events, args.target)
     edge = result["staleness"]["edge"]
     print(

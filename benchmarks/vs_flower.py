@@ -51,7 +51,7 @@ import structlog
 
 from hfl_mqtt.config import FederationConfig, LevelConfig
 from hfl_mqtt.linkmeter import LinkMeter
-from hfl_mqtt.sim import configure_logging, simulate
+from hfl_mqtt.sim import configure_logging, read_evaluations, simulate
 from hfl_mqtt.tasks.base import TaskConfig, load_task
 
 TARGET_BYTES_RATIO = 25.0
@@ -293,7 +293,7 @@ def run_hfl(args: argparse.Namespace, model: str, workdir: Path) -> dict[str, An
     summary = asyncio.run(
         simulate(config, out, processes=args.processes, log_level=logging.ERROR, meter_links=True)
     )
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_evaluations(out / "metrics.jsonl")
     reached = next((e for e in events if e["accuracy"] >= args.target), None)
     links = summary["links"]
     cloud = links["cloud"]["up"] + links["cloud"]["down"]

@@ -3,7 +3,8 @@
 Brokers are started as configured (one, or one per edge bridged to the cloud's); every node
 is a real MQTT client. Aggregators run in this process; workers are spread over worker
 processes so every core trains. The root's evaluation after each global round is shown live and
-appended to ``metrics.jsonl``; at the end ``summary.json`` and a plot are written.
+appended to ``metrics.jsonl``, and so is every status and metrics message of the nodes (a "node"
+line, ``hfl_mqtt.simwatch``); at the end ``summary.json`` and a plot are written.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ from hfl_mqtt.roles.aggregator import EventCallback
 from hfl_mqtt.roles.messages import STOP
 from hfl_mqtt.roles.node import Checkpoints, run_node
 from hfl_mqtt.roles.report import NodeReport
+from hfl_mqtt.simwatch import MessageCallback, NodeWatch, read_evaluations
 from hfl_mqtt.telemetry import load_pyplot, plot_staleness, staleness_summary
 from hfl_mqtt.topics import ctl_topic
 from hfl_mqtt.transport.mqtt import MqttLink
 
-__all__ = ["SUMMARY_VERSION", "Progress", "configure_logging", "simulate"]
+__all__ = ["SUMMARY_VERSION", "Progress", "configure_logging", "read_evaluations", "simulate"]
 
 SUMMARY_VERSION = 2
 _STOP_TIMEOUT_S = 30.0
@@ -329,6 +331,7 @@ async def simulate(
     log_level: int = logging.WARNING,
     meter_links: bool = False,
     resume: Path | None = None,
+    on_node_message: MessageCallback | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` to the end; write ``out/summary.json``, ``metrics.jsonl``, the plot.
 
@@ -340,6 +343,9 @@ async def simulate(
     With ``meter_links``, the bytes crossing each network link are measured on the wire by
     byte-counting proxies (``hfl_mqtt.linkmeter``): ``links`` in the summary, and
     ``cloud_link_bytes`` in every evaluation (the links into the root's broker).
+
+    The nodes' status and metrics messages go to ``metrics.jsonl`` too, and to
+    ``on_node_message`` (topic, payload, wall time) if given: a dashboard's view.
     """
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -387,9 +393,13 @@ async def simulate(
             if progress is not None:
                 progress.round(event)
 
-        aggregator_reports, worker_reports = await _run_nodes(
-            nodes, groups, log_level, on_event, "fresh" if resume is None else "resume"
+        watch = NodeWatch(
+            config.federation, brokers.values(), metrics_file, on_message=on_node_message
         )
+        async with watch:
+            aggregator_reports, worker_reports = await _run_nodes(
+                nodes, groups, log_level, on_event, "fresh" if resume is None else "resume"
+            )
         links = {
             name: {"up": c.up, "down": c.down, "connections": c.connections}
             for name, c in ((name, m.counts()) for name, m in (meters or {}).items())
@@ -411,7 +421,7 @@ def _earlier_events(resume: Path) -> list[dict[str, Any]]:
     path = resume / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_evaluations(path)
 
 
 def _summary(

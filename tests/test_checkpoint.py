@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -322,7 +321,7 @@ async def test_a_crashed_edge_resumes_and_the_cloud_counts_its_reports_once(
 @pytest.mark.anyio
 async def test_sim_resume_goes_on_from_an_earlier_runs_checkpoints(tmp_path: Path) -> None:
     """Two rounds, then two more from the checkpoints (rounds may grow between runs)."""
-    from hfl_mqtt.sim import simulate
+    from hfl_mqtt.sim import read_evaluations, simulate
 
     def config(rounds: int) -> FederationConfig:
         return federation("sim-resume", rounds=(rounds, 1), fanout=(2, 2))
@@ -332,8 +331,8 @@ async def test_sim_resume_goes_on_from_an_earlier_runs_checkpoints(tmp_path: Pat
     assert first["global_rounds"] == 2
     async with asyncio.timeout(60):
         second = await simulate(config(4), tmp_path / "two", processes=1, resume=tmp_path / "one")
-    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["global_round"] for line in lines] == [3, 4]
+    events = read_evaluations(tmp_path / "two" / "metrics.jsonl")
+    assert [event["global_round"] for event in events] == [3, 4]
     assert second["global_rounds"] == 4  # the summary covers the whole run
     assert second["final_accuracy"] >= first["final_accuracy"] - 0.05
     with pytest.raises(CheckpointError, match="no checkpoints"):

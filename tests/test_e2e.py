@@ -56,7 +56,7 @@ from hfl_mqtt.errors import TaskError
 from hfl_mqtt.roles import NodeReport, run_node
 from hfl_mqtt.roles.messages import delta_message, parse_ctl, parse_status, status_payload
 from hfl_mqtt.roles.node import mqtt_link_factory
-from hfl_mqtt.sim import simulate
+from hfl_mqtt.sim import read_evaluations, simulate
 from hfl_mqtt.tasks.base import Task, TaskConfig
 from hfl_mqtt.tasks.builtin import make_task
 from hfl_mqtt.topics import ctl_topic, model_topic, status_topic, up_topic
@@ -310,8 +310,7 @@ def assert_results(
     assert list(summary["staleness"]) == names[:-1]
     assert sum(level["count"] for level in summary["staleness"].values()) == sent_up
 
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    events = [json.loads(line) for line in lines]
+    events = read_evaluations(out / "metrics.jsonl")
     assert [e["global_round"] for e in events] == list(range(1, rounds + 1))
     assert events[-1]["accuracy"] == summary["final_accuracy"]
     assert all(e["participants"] == config.fanout[0] for e in events)
@@ -408,7 +407,7 @@ def assert_async_results(
     assert summary.keys() >= SUMMARY_KEYS
     assert 0 < summary["wall_seconds"] <= elapsed
     assert summary["config"] == config.model_dump(mode="json")
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_evaluations(out / "metrics.jsonl")
     assert len(events) == summary["global_rounds"] > 0
     assert events[-1]["accuracy"] == summary["final_accuracy"]
     assert summary["final_accuracy"] >= TARGET_ACCURACY

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import re
 import time
@@ -50,7 +49,7 @@ from hfl_mqtt.config import (
 )
 from hfl_mqtt.roles import run_node
 from hfl_mqtt.roles.node import round_strategy
-from hfl_mqtt.sim import simulate
+from hfl_mqtt.sim import read_evaluations, simulate
 from hfl_mqtt.tasks.base import TaskConfig
 from hfl_mqtt.transport.memory import MemoryBroker
 from tests.fakes import (
@@ -743,7 +742,7 @@ async def test_a_federation_with_fedadam_at_the_cloud(tmp_path: Path) -> None:
     started = time.monotonic()
     summary = await asyncio.wait_for(simulate(config, tmp_path, processes=2), 45)
     assert time.monotonic() - started < 30
-    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = read_evaluations(tmp_path / "metrics.jsonl")
     accuracy = [e["accuracy"] for e in events]
     assert summary["global_rounds"] == len(accuracy) == 5
     assert summary["updates_rejected"] == {}

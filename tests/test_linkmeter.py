@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from hfl_mqtt.brokers import MosquittoBroker
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.linkmeter import LinkMeter
-from hfl_mqtt.sim import simulate
+from hfl_mqtt.sim import read_evaluations, simulate
 from hfl_mqtt.transport.mqtt import MqttLink
 from tests.fakes import needs_mosquitto
 
@@ -83,8 +82,8 @@ async def test_sim_meters_every_network_link(tmp_path: Path) -> None:
     assert cloud_down < links["cloud"]["down"] < 1.1 * cloud_down + 20_000
     workers_up = payload["worker"]["up"]
     assert workers_up < links["edge-0"]["up"] + links["edge-1"]["up"] < 1.1 * workers_up + 40_000
-    events = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    crossed = [json.loads(line)["cloud_link_bytes"] for line in events]
+    events = read_evaluations(tmp_path / "metrics.jsonl")
+    crossed = [event["cloud_link_bytes"] for event in events]
     assert len(crossed) == 3
     assert crossed == sorted(crossed)
     assert crossed[-1] <= links["cloud"]["up"] + links["cloud"]["down"]
