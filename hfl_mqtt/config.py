@@ -500,6 +500,9 @@ class NodeConfig(_Frozen):
     """An aggregator's checkpoints (and, at the root, its models); default: under
     ``$HFL_MQTT_STATE_DIR``, systemd's ``$STATE_DIRECTORY`` or ``~/.local/state/hfl-mqtt``, in
     ``{federation}/{node}``."""
+    metrics_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    """How often, at most, the node publishes its metrics record (``hfl_mqtt.metrics``; only
+    when something changed); 0: never."""
 
     @model_validator(mode="after")
     def _has_a_link(self, info: ValidationInfo) -> NodeConfig:
@@ -561,6 +564,8 @@ class FederationConfig(_Frozen):
     """Give every node below the root's children fallback parents (its parent's next sibling,
     then its grandparent, each with its broker where that is not the node's) and every
     aggregator the matching ``adoptees``: see docs/reparenting.md."""
+    metrics_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    """Every node's ``NodeConfig.metrics_interval_s`` (0: no metrics records)."""
 
     @model_validator(mode="after")
     def _shape(self) -> FederationConfig:
@@ -673,6 +678,7 @@ class FederationConfig(_Frozen):
                     level=d,
                     chunk_size=self.chunk_size,
                     device=devices[workers.index(node)] if devices and node not in tree else None,
+                    metrics_interval_s=self.metrics_interval_s,
                 )
             )
         return configs

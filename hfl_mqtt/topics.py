@@ -13,6 +13,8 @@ topic                               direction           QoS  retained  payload
                                                                        reparent)
 ``hfl/{fed}/{node}/join/{child}``   child -> node       1    no        JSON: the child joins (or
                                                                        leaves) ``node``
+``hfl/{fed}/{node}/metrics``        node -> anyone      1    yes       JSON: the node's metrics
+                                                                       record (``metrics.py``)
 ==================================  ==================  ===  ========  =============================
 
 The sender's id is always in the topic, so a broker ACL can pin each device to its own topics
@@ -33,6 +35,8 @@ __all__ = [
     "ctl_topic",
     "join_filter",
     "join_topic",
+    "metrics_filter",
+    "metrics_topic",
     "model_topic",
     "parse_topic",
     "status_topic",
@@ -44,7 +48,7 @@ NODE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 """Federation and node ids: safe as MQTT topic levels (no ``/``, ``+``, ``#``, spaces)."""
 
 ROOT = "hfl"
-Kind = Literal["model", "up", "status", "ctl", "join"]
+Kind = Literal["model", "up", "status", "ctl", "join", "metrics"]
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -74,6 +78,16 @@ def up_filter(federation: str, parent: str) -> str:
 
 def status_topic(federation: str, node: str) -> str:
     return f"{ROOT}/{federation}/{node}/status"
+
+
+def metrics_topic(federation: str, node: str) -> str:
+    """Where ``node`` keeps its metrics record (retained; ``hfl_mqtt.metrics``)."""
+    return f"{ROOT}/{federation}/{node}/metrics"
+
+
+def metrics_filter(federation: str) -> str:
+    """Subscription for every node's metrics record of ``federation`` (``+``: of any)."""
+    return f"{ROOT}/{federation}/+/metrics"
 
 
 def ctl_topic(federation: str, node: str) -> str:
@@ -107,6 +121,6 @@ def parse_topic(topic: str) -> ParsedTopic | None:
         return ParsedTopic(federation, node, kind, rest[0])  # type: ignore[arg-type]
     if kind == "model" and (not rest or (len(rest) == 2 and rest[0] == "chunk")):
         return ParsedTopic(federation, node, "model")
-    if kind in ("status", "ctl") and not rest:
+    if kind in ("status", "ctl", "metrics") and not rest:
         return ParsedTopic(federation, node, kind)  # type: ignore[arg-type]
     return None

@@ -10,6 +10,8 @@ from hfl_mqtt.topics import (
     check_id,
     chunk_topic,
     ctl_topic,
+    metrics_filter,
+    metrics_topic,
     model_topic,
     parse_topic,
     status_topic,
@@ -26,6 +28,8 @@ from hfl_mqtt.topics import (
         (up_filter("lab", "edge-0"), "hfl/lab/edge-0/up/+"),
         (status_topic("lab", "worker-3"), "hfl/lab/worker-3/status"),
         (ctl_topic("lab", "edge-0"), "hfl/lab/edge-0/ctl"),
+        (metrics_topic("lab", "worker-3"), "hfl/lab/worker-3/metrics"),
+        (metrics_filter("lab"), "hfl/lab/+/metrics"),
         (chunk_topic("hfl/lab/cloud/model", 0), "hfl/lab/cloud/model/chunk/0"),
         (chunk_topic("hfl/lab/cloud/model", 12), "hfl/lab/cloud/model/chunk/12"),
     ],
@@ -51,6 +55,8 @@ def test_up_filter_matches_exactly_the_children_topics() -> None:
         ("hfl/lab/edge-0/up/worker-3", ParsedTopic("lab", "edge-0", "up", "worker-3")),
         ("hfl/lab/w.1_x/status", ParsedTopic("lab", "w.1_x", "status")),
         ("hfl/lab/edge-0/ctl", ParsedTopic("lab", "edge-0", "ctl")),
+        ("hfl/lab/edge-0/metrics", ParsedTopic("lab", "edge-0", "metrics")),
+        ("hfl/lab/edge-0/metrics/x", None),
         # junk (parse_topic splits levels; it does not validate ids: receivers compare them
         # with the ids they know)
         ("", None),

@@ -49,6 +49,7 @@ from hfl_mqtt.checkpoint import Checkpoint, NodeState
 from hfl_mqtt.codec import Compressor, Envelope, Header, ModelSpec, parse_spec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError, TransportError
+from hfl_mqtt.metrics import NodeNow, metrics_publisher
 from hfl_mqtt.roles.messages import (
     JOIN,
     LEAVE,
@@ -78,7 +79,7 @@ from hfl_mqtt.topics import (
     up_filter,
     up_topic,
 )
-from hfl_mqtt.transport.base import Channel, Incoming, LinkBase
+from hfl_mqtt.transport.base import Channel, Incoming, LinkBase, LinkStats
 
 __all__ = ["AggregatorBase", "EventCallback", "Step"]
 
@@ -220,6 +221,15 @@ class AggregatorBase(ABC):
                 pumps.append(tasks.create_task(self._pump(self.uplinks), name=f"{me}:up"))
             if stop is not None:
                 pumps.append(tasks.create_task(self._stop_on(stop), name=f"{me}:stop"))
+            # The node's metrics record, on the link of its status (None: off).
+            metrics = metrics_publisher(
+                self.config,
+                self.report,
+                self.uplinks or self.down,
+                links=self._link_stats,
+                now=self._metrics_now,
+            )
+            publishing = metrics.start(tasks) if metrics is not None else None
             await self.down.subscribe(up_filter(fed, me))
             for child in sorted(self._may_adopt):
                 await self.down.subscribe(status_topic(fed, child))
@@ -235,10 +245,25 @@ class AggregatorBase(ABC):
             try:
                 await self._loop()
             finally:
-                for pump in pumps:
-                    pump.cancel()
+                for task in [*pumps, publishing]:
+                    if task is not None:
+                        task.cancel()
+            if metrics is not None:
+                await metrics.stop(publishing)  # the final record, at a clean stop
             await self._save_checkpoint(final=True)
         return self.report
+
+    def _link_stats(self) -> list[LinkStats]:
+        return (
+            [self.down.stats, *(link.stats for link in self.uplinks.links)]
+            if self.uplinks
+            else [self.down.stats]
+        )
+
+    def _metrics_now(self) -> NodeNow:
+        said = self.uplinks.online_payload if self.uplinks is not None else self.down.online_payload
+        parent = self.parent if self.parentage is not None else None
+        return NodeNow(parent, parse_status(said) or "online", self.version or None)
 
     async def _pump(self, link: Channel) -> None:
         while True:

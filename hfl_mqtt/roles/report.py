@@ -20,6 +20,7 @@ from hfl_mqtt.transport.base import LinkStats
 
 __all__ = ["Arrival", "NodeReport", "reject_reason"]
 
+_MAX_ERROR = 160
 _KIND_FIELDS = ("messages_sent", "bytes_sent", "messages_received", "bytes_received")
 
 log = structlog.get_logger("hfl_mqtt.roles")
@@ -76,6 +77,8 @@ class NodeReport:
     """Times the node moved to another parent (docs/reparenting.md)."""
     started: float = field(default_factory=time.monotonic)
     """When the node started (``time.monotonic``): ``Arrival.seconds`` count from here."""
+    last_error: str | None = None
+    """The last refused message or link error, with its reason (the node's metrics record)."""
 
     def accept(self, arrival: Arrival, update_id: str) -> None:
         """Count an accepted update and keep its staleness for the telemetry."""
@@ -98,7 +101,12 @@ class NodeReport:
     def reject(self, reason: str, topic: str, detail: str = "") -> None:
         """Count and log a refused message; the node goes on."""
         self.updates_rejected[reason] += 1
+        self.error(f"{reason}: {detail}" if detail else reason)
         log.warning("update rejected", node=self.node, reason=reason, topic=topic, detail=detail)
+
+    def error(self, text: str) -> None:
+        """Remember ``text`` as the node's last error (cut short: it travels in every record)."""
+        self.last_error = text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
 
     def _links(self) -> list[LinkStats]:
         links = [s for s in (self.up, self.down) if s is not None]

@@ -42,6 +42,7 @@ from hfl_mqtt.aggregation.base import Model, subtract
 from hfl_mqtt.codec import Compressor, Envelope, ModelSpec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError
+from hfl_mqtt.metrics import NodeNow, metrics_publisher
 from hfl_mqtt.roles.messages import (
     JOIN,
     LEAVE,
@@ -66,7 +67,7 @@ from hfl_mqtt.topics import (
     status_topic,
     up_topic,
 )
-from hfl_mqtt.transport.base import Channel, Incoming, LinkBase
+from hfl_mqtt.transport.base import Channel, Incoming, LinkBase, LinkStats
 from hfl_mqtt.transport.shaping import LinkShaper, ShapedLink
 
 __all__ = ["Worker"]
@@ -115,6 +116,9 @@ class Worker:
         self._untaken: tuple[int, str, bytes] | None = None
         """The last delta sent (base version, topic, payload) until the parent moves on."""
         self._stop: asyncio.Event | None = None
+        self._version: int | None = None
+        """The version of the parent's model trained on last (the metrics record's)."""
+        self._offline = False
         self._log = log.bind(node=config.node, role="worker")
         self.device = config.device
         # The worker's own draws (dropouts): the same device seed, the same sequence.
@@ -135,14 +139,34 @@ class Worker:
     async def run(self, stop: asyncio.Event | None = None) -> NodeReport:
         """Serve until the parent says stop, or ``stop`` is set."""
         self._stop = stop
-        async with contextlib.AsyncExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
             await stack.enter_async_context(self.uplinks)
             if isinstance(self._link, ShapedLink):
                 await stack.enter_async_context(self._link)
             if self.device is not None:
                 self._log.debug("simulated device", **self.device.model_dump())
-            return await self._serve()
+            metrics = metrics_publisher(
+                self.config, self.report, self.uplinks, links=self._link_stats, now=self._now
+            )
+            publishing = metrics.start(tasks) if metrics is not None else None
+            try:
+                report = await self._serve()
+            finally:
+                if publishing is not None:
+                    publishing.cancel()
+            if metrics is not None:
+                await metrics.stop(publishing)  # the final record, at a clean stop
+            return report
         raise AssertionError("unreachable")
+
+    def _link_stats(self) -> list[LinkStats]:
+        return [link.stats for link in self.uplinks.links]
+
+    def _now(self) -> NodeNow:
+        status = (
+            "offline" if self._offline else parse_status(self.uplinks.online_payload) or "online"
+        )
+        return NodeNow(self.parent, status, self._version)
 
     async def _serve(self) -> NodeReport:
         fed, me = self.config.federation, self.config.node
@@ -268,6 +292,7 @@ class Worker:
         trained, result = await asyncio.to_thread(self._train, model, version)
         await self._take_device_time(time.monotonic() - started)
         self.report.trained += 1
+        self._version = version
         newer_waiting = self._newer_model_waiting(version)  # sets aside what arrived meanwhile
         if newer_waiting and not envelope.header.metrics.get("async"):
             log_round.info("newer model arrived during training: result dropped")
@@ -322,6 +347,7 @@ class Worker:
         self._log.info("dropping out", offline_s=round(seconds, 3))
         status = status_topic(self.config.federation, self.config.node)
         await self._link.publish(status, status_payload("offline"), retain=True)
+        self._offline = True
         set_aside = deque(self._pending)  # what arrived during the last run counts too
         self._pending.clear()
         latest_model: Incoming | None = None
@@ -339,6 +365,7 @@ class Worker:
                         return True
                     if kind == "model":
                         latest_model = message
+        self._offline = False
         await self._link.publish(status, status_payload("online"), retain=True)
         self._log.info("back online", newest_model_waiting=latest_model is not None)
         if latest_model is not None:
