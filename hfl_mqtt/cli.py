@@ -4,8 +4,10 @@
   ``--config a.yaml --config b.yaml`` (or ``--config nodes/*.yaml``): several nodes in one
   process, as one lab machine standing in for many devices. SIGTERM or SIGINT stops them
   cleanly (exit code 0); a second one stops them at once.
-- ``hfl-mqtt sim FEDERATION.yaml --out DIR``: a whole federation on this machine.
-- ``hfl-mqtt demo``: a small 3-level federation on digits, no arguments needed.
+- ``hfl-mqtt sim FEDERATION.yaml --out DIR``: a whole federation on this machine; with
+  ``--web HOST:PORT`` its live dashboard (hfl_mqtt/monitor/web.py), ``--web-linger S`` seconds
+  beyond the run's end.
+- ``hfl-mqtt demo``: a small 3-level federation on digits, no arguments needed (``--web`` too).
 - ``hfl-mqtt plan FEDERATION.yaml --out DIR``: everything a fleet needs (node configs, brokers
   with passwords and ACLs, with ``--tls`` a CA and certificates, START.md); hfl_mqtt/plan.py.
 - ``hfl-mqtt export MODEL --format torch|flower|npz --out FILE``: a model the root kept, for
@@ -16,15 +18,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hfl_mqtt.config import FederationConfig, NodeConfig, load_federation, load_node
 from hfl_mqtt.errors import HflError
 from hfl_mqtt.logs import LOG_FORMATS, LogFormat, configure_logging, log_format_from_env
 from hfl_mqtt.runner import NodeOutcome, SignalStop, run_nodes
+
+if TYPE_CHECKING:
+    from hfl_mqtt.sim import Progress
 
 # The simulator (brokers, process pools, plots) is imported by `sim` and `demo` only: a device
 # running `hfl-mqtt run` loads what a node needs and nothing more.
@@ -87,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo = commands.add_parser("demo", help="a small 3-level federation on digits")
     demo.add_argument("--out", type=Path, default=Path("hfl-demo"), help="default: hfl-demo/")
+    for command in (sim, demo):
+        command.add_argument(
+            "--web",
+            metavar="HOST:PORT",
+            help="serve the live dashboard there during the run (needs the monitor extra)",
+        )
+        command.add_argument(
+            "--web-linger",
+            type=float,
+            default=0.0,
+            metavar="S",
+            help="with --web: keep serving S seconds after the run ends (default 0)",
+        )
     plan = commands.add_parser("plan", help="write a fleet's node configs, brokers and secrets")
     plan.add_argument("config", type=Path, help="the federation's YAML file")
     plan.add_argument("--out", required=True, type=Path, help="directory for the plan")
@@ -139,21 +160,58 @@ def _simulate(
     processes: int | None,
     verbose: int,
     resume: Path | None,
+    web: str | None = None,
+    linger: float = 0.0,
 ) -> int:
     from hfl_mqtt.sim import Progress, simulate
 
+    if web is not None:
+        try:
+            from hfl_mqtt.monitor import FederationView
+            from hfl_mqtt.monitor.web import Dashboard, parse_web_address
+        except ImportError as exc:
+            print(
+                f"hfl-mqtt: --web needs the monitor extra (hfl-mqtt[monitor]): {exc}",
+                file=sys.stderr,
+            )
+            return 2
+        host, port = parse_web_address(web)
     root = config.levels[0]
     progress = Progress(root.rounds, max_seconds=root.max_seconds)
-    summary = asyncio.run(
-        simulate(
-            config,
-            out,
-            progress=progress,
-            processes=processes,
-            log_level=_log_level(verbose),
-            resume=resume,
-        )
-    )
+
+    async def run() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            observe: Callable[[str, bytes, float], None] | None = None
+            if web is not None:
+                view = FederationView(config.federation)
+                dashboard = await stack.enter_async_context(Dashboard(view, host, port))
+                progress.say(f"dashboard: {dashboard.url}")
+
+                def observe(topic: str, payload: bytes, now: float) -> None:
+                    if view.observe(topic, payload, now):
+                        dashboard.changed()
+
+            summary = await simulate(
+                config,
+                out,
+                progress=progress,
+                processes=processes,
+                log_level=_log_level(verbose),
+                resume=resume,
+                on_node_message=observe,
+            )
+            _say_summary(progress, summary, out)
+            if web is not None and linger > 0:
+                progress.say(
+                    f"dashboard stays at {dashboard.url} for {linger:g} s (Ctrl-C ends it)"
+                )
+                await asyncio.sleep(linger)
+
+    asyncio.run(run())
+    return 0
+
+
+def _say_summary(progress: Progress, summary: dict[str, Any], out: Path) -> None:
     brief = {k: summary[k] for k in ("final_accuracy", "global_rounds", "wall_seconds", "bytes")}
     brief["staleness"] = {
         level: {k: stats[k] for k in ("count", "mean", "p95", "max")}
@@ -162,7 +220,6 @@ def _simulate(
     progress.say(json.dumps(brief, indent=1))
     files = ["summary.json", "metrics.jsonl", "accuracy.png", "staleness.png"]
     progress.say("results: " + ", ".join(str(out / f) for f in files if (out / f).exists()))
-    return 0
 
 
 async def _run_nodes(
@@ -253,9 +310,15 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "sim":
             return _simulate(
-                load_federation(args.config), args.out, args.processes, args.verbose, args.resume
+                load_federation(args.config),
+                args.out,
+                args.processes,
+                args.verbose,
+                args.resume,
+                args.web,
+                args.web_linger,
             )
-        return _simulate(DEMO, args.out, None, args.verbose, None)
+        return _simulate(DEMO, args.out, None, args.verbose, None, args.web, args.web_linger)
     except HflError as exc:
         print(f"hfl-mqtt: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
