@@ -118,3 +118,31 @@ class Replay:
             if wait <= 0 and self.fed % 1000 == 0:
                 await asyncio.sleep(0)  # a burst of lines must not starve the server
         log.info("replay done", lines=self.fed)
+
+
+async def serve_replay(
+    path: Path,
+    host: str,
+    port: int,
+    *,
+    speed: float | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Serve the dashboard of a finished run (its metrics.jsonl) until cancelled: the run's
+    end at once, or the run again at ``speed``."""
+    from hfl_mqtt.monitor.web import Dashboard
+
+    view = FederationView()
+    dashboard = Dashboard(view, host, port)
+    replay = Replay(path, view, speed=speed or 1.0, on_change=dashboard.changed)
+    dashboard.clock = replay.clock
+    if not replay.lines:
+        log.warning("no node lines to replay", file=str(path))
+    if speed is None:
+        replay.load()
+    async with dashboard:
+        say(f"dashboard of {path} ({len(replay.lines)} records): {dashboard.url}")
+        if speed is not None:
+            await replay.run()
+            say("replay done; still serving (Ctrl-C ends it)")
+        await asyncio.Event().wait()

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from hfl_mqtt.errors import ConfigError
 
-__all__ = ["Dashboard", "SnapshotSource", "static_dir"]
+__all__ = ["Dashboard", "SnapshotSource", "parse_web_address", "static_dir"]
 
 log = structlog.get_logger("hfl_mqtt.monitor")
 
@@ -45,6 +45,16 @@ class SnapshotSource(Protocol):
     """What the dashboard reads: a ``FederationView``, or anything with its ``snapshot``."""
 
     def snapshot(self, now: float) -> dict[str, Any]: ...
+
+
+def parse_web_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6; port 0: any free one) as (host, port);
+    ``ConfigError`` otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--web {value!r}: want HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
 
 
 def static_dir() -> Path:
