@@ -180,9 +180,15 @@ class BrokerConfig(_Frozen):
 def edge_bridge_topics(federation: str, edge: str, parent: str) -> list[BridgeTopic]:
     """What a bridged edge broker forwards: edge ``E`` under parent ``P`` in federation ``F``.
 
-    Out: ``E``'s delta to ``P`` and ``E``'s status. In: ``P``'s model (with its retained chunks,
-    ``model/#`` also matches ``model`` itself) and control messages for ``E``. Workers' traffic
-    under ``hfl/F/E/`` stays on the edge broker.
+    Out: ``E``'s delta to ``P``, ``E``'s status, and the metrics record of every node on the
+    edge broker (``hfl/F/+/metrics``: a monitor on the root's broker sees the whole tree, workers
+    included). In: ``P``'s model (with its retained chunks, ``model/#`` also matches ``model``
+    itself) and control messages for ``E``. Workers' deltas under ``hfl/F/E/`` stay on the edge
+    broker.
+
+    The metrics pattern cannot loop: it only goes out, each broker bridges to one parent broker
+    (bridges form a tree rooted at the root's broker), and no bridge takes metrics in, so a
+    record only ever moves toward the root's broker, one hop per bridge.
     """
     for value, what in ((federation, "federation"), (edge, "edge"), (parent, "parent")):
         topics.check_id(value, what)
@@ -191,6 +197,7 @@ def edge_bridge_topics(federation: str, edge: str, parent: str) -> list[BridgeTo
         BridgeTopic(pattern=topics.model_topic(federation, parent) + "/#", direction="in"),
         BridgeTopic(pattern=topics.status_topic(federation, edge), direction="out"),
         BridgeTopic(pattern=topics.ctl_topic(federation, edge), direction="in"),
+        BridgeTopic(pattern=topics.metrics_filter(federation), direction="out"),
     ]
 
 
@@ -328,10 +335,11 @@ def render_acl(header: str = "") -> str:
     lines = [*_commented(header), ""] if header else []
     lines += [
         "# Rendered by hfl_mqtt.brokers.render_acl.",
-        "# Anonymous clients (topic lines before any user line): read the models and statuses",
-        "# of the federation and the broker's $SYS counters.",
+        "# Anonymous clients (topic lines before any user line): read the models, statuses and",
+        "# metrics records of the federation and the broker's $SYS counters.",
         "topic read hfl/+/+/model/#",
         "topic read hfl/+/+/status",
+        "topic read hfl/+/+/metrics",
         "topic read $SYS/broker/#",
         "# A parent stops its children through their control topics; an ACL cannot name a",
         "# node's parent, so any client may write them. On an untrusted network, give the",
@@ -343,6 +351,10 @@ def render_acl(header: str = "") -> str:
         "# A node publishes its own status (and Last Will) and reads its own control topic.",
         "pattern write hfl/+/%c/status",
         "pattern read hfl/+/%c/ctl",
+        "# A node keeps its own metrics record (retained). A bridge named after its edge brings",
+        "# its own; for the workers' too, give the bridge a password_file user with",
+        "# `topic write hfl/+/+/metrics` (hfl-mqtt plan does).",
+        "pattern write hfl/+/%c/metrics",
         "# An aggregator publishes its own model (and its retained chunks, model/chunk/{i})",
         "# and reads its children's deltas.",
         "pattern write hfl/+/%c/model/#",
@@ -409,9 +421,10 @@ Regenerate: python -m hfl_mqtt.brokers brokers/""",
 An edge site's broker, bridged to the cloud broker at cloud.example.net:1883.
 Edge node "edge-1" (parent "cloud", federation "demo") and its workers talk to
 this broker; the bridge (MQTT 5) forwards only
-  out: hfl/demo/cloud/up/edge-1   hfl/demo/edge-1/status
+  out: hfl/demo/cloud/up/edge-1   hfl/demo/edge-1/status   hfl/demo/+/metrics
   in:  hfl/demo/cloud/model/#     hfl/demo/edge-1/ctl
-(model/# is the model and its retained chunks model/chunk/{i})
+(model/# is the model and its retained chunks model/chunk/{i}; +/metrics: every
+node's metrics record, for a monitor on the cloud broker)
 so workers' deltas under hfl/demo/edge-1/ never leave the site.
 Regenerate: python -m hfl_mqtt.brokers brokers/""",
     "acl.conf": """\
@@ -420,6 +433,7 @@ ACL for a broker of the hfl/{federation}/{node}/... topic scheme (acl_file).
   hfl/F/N/up/C        child C's delta to parent N
   hfl/F/N/status      retained, N's status and Last Will
   hfl/F/N/ctl         control messages for N
+  hfl/F/N/metrics     retained, N's metrics record (read by anyone)
 %c is the client id: each device must connect with its node name as client id.
 Regenerate: python -m hfl_mqtt.brokers brokers/""",
 }

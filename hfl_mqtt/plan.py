@@ -261,6 +261,7 @@ def acl_rules(plan: Plan, broker: BrokerPlan) -> tuple[list[AclRule], dict[str, 
     patterns: list[AclRule] = [
         ("write", f"{prefix}/+/up/%u"),  # a delta to a parent, only under one's own name
         ("write", f"{prefix}/%u/status"),  # one's status and Last Will
+        ("write", f"{prefix}/%u/metrics"),  # one's metrics record
         ("read", f"{prefix}/%u/ctl"),  # one's control messages
         ("write", f"{prefix}/%u/model/#"),  # an aggregator's model and its chunks
         ("read", f"{prefix}/%u/up/+"),  # an aggregator's children's deltas
@@ -301,11 +302,12 @@ def acl_rules(plan: Plan, broker: BrokerPlan) -> tuple[list[AclRule], dict[str, 
 
 def bridge_topics(plan: Plan, broker: BrokerPlan) -> tuple[BridgeTopic, ...]:
     """What ``broker``'s bridge forwards: each of its aggregators' topics toward its parent."""
-    return tuple(
+    wanted = (
         topic
         for node, parent in broker.bridged
         for topic in edge_bridge_topics(plan.federation, node, parent)
     )
+    return tuple(dict.fromkeys(wanted))  # each aggregator's bridge names all metrics: once
 
 
 def broker_config(

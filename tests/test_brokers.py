@@ -165,6 +165,7 @@ def test_edge_bridge_topics() -> None:
         ("hfl/F/P/model/#", "in", 1),
         ("hfl/F/E/status", "out", 1),
         ("hfl/F/E/ctl", "in", 1),
+        ("hfl/F/+/metrics", "out", 1),  # every node's record on the edge broker, workers' too
     ]
     with pytest.raises(ValueError, match="edge"):
         edge_bridge_topics("F", "e/+", "P")

@@ -29,7 +29,7 @@ from hfl_mqtt.config import FederationConfig, load_federation, load_node
 from hfl_mqtt.errors import AuthenticationError, ConfigError, PublishRefusedError
 from hfl_mqtt.plan import OPERATOR, Plan, write_plan
 from hfl_mqtt.roles.node import mqtt_link_factory
-from hfl_mqtt.topics import ctl_topic, model_topic, up_topic
+from hfl_mqtt.topics import ctl_topic, metrics_filter, metrics_topic, model_topic, up_topic
 from hfl_mqtt.transport.base import LinkBase
 from tests.fakes import needs_mosquitto
 
@@ -180,6 +180,22 @@ def test_the_acl_pins_users_by_name_and_lets_parents_stop_children(tmp_path: Pat
     assert f"topic read {model_topic(FED, 'edge-1')}/#" in blocks["worker-2"]
     assert blocks[OPERATOR] == ["topic readwrite hfl/#", "topic read $SYS/#"]
     assert f"topic write {up_topic(FED, 'cloud', 'edge-0')}" in blocks["bridge-site-a"]
+
+
+def test_every_node_may_write_its_metrics_and_bridges_carry_every_record_out(
+    tmp_path: Path,
+) -> None:
+    _, out = make(tmp_path)
+    for broker in ("cloud", "site-a"):
+        acl = (out / "brokers" / broker / "acl").read_text().splitlines()
+        assert f"pattern write hfl/{FED}/%u/metrics" in acl
+    cloud_acl = (out / "brokers" / "cloud" / "acl").read_text()
+    bridge = cloud_acl.split("user bridge-site-a\n")[1].split("\n\n")[0].splitlines()
+    # The bridge brings the records of the site's nodes, workers' included, to the cloud.
+    assert f"topic write {metrics_filter(FED)}" in bridge
+    conf = (out / "brokers" / "site-a" / "mosquitto.conf").read_text().splitlines()
+    assert conf.count(f"topic {metrics_filter(FED)} out 1") == 1
+    assert not [line for line in conf if "metrics" in line and " in " in line]  # out only
 
 
 def test_plan_refuses_a_non_empty_directory_unless_forced(tmp_path: Path) -> None:
@@ -514,6 +530,44 @@ async def test_a_site_broker_bridges_to_the_cloud_over_tls_with_client_certifica
     ):
         async with bare:
             pass
+
+
+@needs_mosquitto
+@pytest.mark.anyio
+async def test_a_plans_brokers_take_each_nodes_metrics_and_bridge_them_to_the_cloud(
+    tmp_path: Path,
+) -> None:
+    plan, out = make(tmp_path)
+    cloud, site = plan.brokers["cloud"], plan.brokers["site-a"]
+    operator = (out / "secrets" / f"{OPERATOR}.password").read_text().strip()
+    with (
+        started(out / "brokers" / "cloud" / "mosquitto.conf", cloud.port),
+        started(out / "brokers" / "site-a" / "mosquitto.conf", site.port),
+    ):
+        async with link(out, "worker-0") as worker, link(out, "edge-0") as edge:
+            mine = b'{"node":"worker-0"}'
+            await worker.publish(metrics_topic(FED, "worker-0"), mine, retain=True)
+            await edge.publish(metrics_topic(FED, "edge-0"), b'{"node":"edge-0"}', retain=True)
+            with pytest.raises(PublishRefusedError):  # nobody writes another node's record
+                await worker.publish(metrics_topic(FED, "edge-0"), b"{}", retain=True)
+        watcher = aiomqtt.Client(
+            cloud.host,
+            cloud.port,
+            username=OPERATOR,
+            password=operator,
+            protocol=aiomqtt.ProtocolVersion.V5,
+        )
+        seen: dict[str, bytes] = {}
+        async with watcher, asyncio.timeout(WAIT):
+            await watcher.subscribe(metrics_filter(FED), qos=1)
+            async for message in watcher.messages:  # retained, bridged from the site
+                seen[str(message.topic)] = bytes(message.payload)
+                if len(seen) == 2:
+                    break
+        assert seen == {
+            metrics_topic(FED, "worker-0"): b'{"node":"worker-0"}',
+            metrics_topic(FED, "edge-0"): b'{"node":"edge-0"}',
+        }
 
 
 async def until_closed(client: aiomqtt.Client) -> None:
