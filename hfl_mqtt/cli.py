@@ -12,6 +12,8 @@
   with passwords and ACLs, with ``--tls`` a CA and certificates, START.md); hfl_mqtt/plan.py.
 - ``hfl-mqtt export MODEL --format torch|flower|npz --out FILE``: a model the root kept, for
   other tools (hfl_mqtt/export.py, docs/registry.md).
+- ``hfl-mqtt monitor --broker HOST:PORT``: the live tree of a running federation, from what its
+  broker carries (hfl_mqtt/monitor/): in the terminal, and ``--prometheus HOST:PORT``.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--latest", action="store_true", help="the newest of a registry directory (default: best)"
     )
+    _add_monitor(commands)
     return parser
 
 
@@ -291,6 +294,44 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_monitor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    monitor = commands.add_parser("monitor", help="watch a running federation live")
+    monitor.add_argument(
+        "--broker", required=True, metavar="HOST:PORT", help="a broker the nodes' records reach"
+    )
+    monitor.add_argument("--federation", help="which federation (default: the first seen)")
+    monitor.add_argument(
+        "--prometheus", metavar="HOST:PORT", help="serve Prometheus metrics on /metrics there"
+    )
+    monitor.add_argument("--tls", action="store_true", help="TLS (the system's CAs, or --ca)")
+    monitor.add_argument("--ca", type=Path, metavar="FILE", help="CA of the broker (implies --tls)")
+    monitor.add_argument(
+        "--cert", type=Path, metavar="FILE", help="client certificate (with --key)"
+    )
+    monitor.add_argument("--key", type=Path, metavar="FILE", help="its private key")
+    monitor.add_argument("--username", help="broker user")
+    monitor.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="FILE",
+        help="its first line is the password (HFL_MQTT_PASSWORD overrides it)",
+    )
+    monitor.add_argument("--no-terminal", action="store_true", help="no live tree (servers only)")
+    monitor.add_argument("--once", action="store_true", help="print the tree after ~2 s and exit")
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    try:
+        from hfl_mqtt.monitor.command import monitor_options, run_command
+    except ImportError as exc:
+        print(
+            f"hfl-mqtt: monitor needs the monitor extra (hfl-mqtt[monitor]): {exc}", file=sys.stderr
+        )
+        return 2
+    options = monitor_options(args)  # then options.servers.append(...) for more servers
+    return run_command(options)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -306,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config, fresh=args.fresh)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "monitor":
+            return _monitor(args)
         if args.command == "export":
             return _export(args)
         if args.command == "sim":
