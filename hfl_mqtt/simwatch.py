@@ -51,9 +51,17 @@ def is_evaluation(line: dict[str, Any]) -> bool:
 
 
 def read_evaluations(path: Path) -> list[dict[str, Any]]:
-    """The root's evaluations in a metrics.jsonl, in order (the "node" lines skipped)."""
-    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return [line for line in lines if is_evaluation(line)]
+    """The root's evaluations in a metrics.jsonl, in order (the "node" lines skipped, and a
+    last line cut short by a killed run)."""
+    evaluations = []
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and is_evaluation(line):
+            evaluations.append(line)
+    return evaluations
 
 
 class NodeWatch:

@@ -21,7 +21,8 @@ import errno
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +33,7 @@ from aiohttp import web
 
 from hfl_mqtt.errors import ConfigError
 
-__all__ = ["Dashboard", "SnapshotSource", "parse_web_address", "static_dir"]
+__all__ = ["Dashboard", "SnapshotSource", "parse_web_address", "static_dir", "web_server"]
 
 log = structlog.get_logger("hfl_mqtt.monitor")
 
@@ -60,6 +61,32 @@ def parse_web_address(value: str) -> tuple[str, int]:
 def static_dir() -> Path:
     """The dashboard's files, shipped inside the package."""
     return Path(str(resources.files("hfl_mqtt.monitor") / "static"))
+
+
+class _Listened(Protocol):
+    """A monitor source: it calls each of its ``listeners`` when the view changed."""
+
+    listeners: list[Callable[[], None]]
+
+
+def web_server(
+    host: str, port: int, *, say: Callable[[str], None] | None = None
+) -> Callable[[SnapshotSource, _Listened], AbstractAsyncContextManager[Dashboard]]:
+    """The dashboard as one of ``hfl-mqtt monitor``'s servers (``command.Server``): served
+    over the monitor's view, pushed whenever its source changed the view."""
+
+    @asynccontextmanager
+    async def serve(view: SnapshotSource, source: _Listened) -> AsyncIterator[Dashboard]:
+        async with Dashboard(view, host, port) as dashboard:
+            if say is not None:
+                say(f"dashboard: {dashboard.url}")
+            source.listeners.append(dashboard.changed)
+            try:
+                yield dashboard
+            finally:
+                source.listeners.remove(dashboard.changed)
+
+    return serve
 
 
 class _Client:
@@ -135,9 +162,11 @@ class Dashboard:
         if self._entered:
             raise RuntimeError("a Dashboard can be entered only once")
         self._entered = True
-        runner = web.AppRunner(self._app(), handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            self._app(), handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, self.host, self.port)
         try:
             await site.start()
         except OSError as exc:
