@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -128,3 +130,11 @@ def test_a_thousand_workers_scrape_in_time() -> None:
     text = exposition(view.snapshot(2))
     assert time.perf_counter() - started < 5
     assert text.count(b"hfl_node_up{") == 1000
+
+
+def test_the_grafana_dashboard_reads_exported_names() -> None:
+    dashboard = Path(__file__).parent.parent / "examples" / "grafana" / "hfl-mqtt.json"
+    used = set(re.findall(r"hfl_[a-z_]+", dashboard.read_text()))
+    assert used
+    exported = {name for name, _ in samples(exposition(tree().snapshot(101)).decode())}
+    assert used - {"hfl_mqtt"} <= exported, used - exported
