@@ -167,3 +167,26 @@ async def test_a_link_cannot_be_entered_twice(start_broker: StartBroker) -> None
         with pytest.raises(RuntimeError, match="only once"):
             await link.__aenter__()
         assert link.connected
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+async def test_only_a_persistent_session_has_messages_kept_for_it_while_away(
+    start_broker: StartBroker, persistent: bool
+) -> None:
+    """A reader without a persistent session (the monitor) leaves nothing at the broker: what
+    is published while it is away is not queued for it."""
+    broker = start_broker(BrokerConfig())
+    topic = up_topic("farm", "edge-1", "w-1")
+    async with MqttLink(broker.host, broker.port, "reader", persistent_session=persistent) as r:
+        await r.subscribe(topic)
+    async with MqttLink(broker.host, broker.port, "sender") as sender:
+        await sender.publish(topic, b"while away")
+    async with MqttLink(broker.host, broker.port, "reader") as reader:
+        try:
+            async with asyncio.timeout(1.5):
+                message = await reader.receive()
+        except TimeoutError:
+            message = None
+    assert (message is not None) == persistent
+    if message is not None:
+        assert message.payload == b"while away"

@@ -63,6 +63,7 @@ class MonitorSource:
             tls=broker.tls,
             username=broker.username,
             password=broker.password(),
+            persistent_session=False,  # nothing queued for a monitor that has gone
         )
 
     def __repr__(self) -> str:

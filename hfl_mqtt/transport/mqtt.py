@@ -2,6 +2,8 @@
 
 - MQTT 5 with a persistent session (clean start off, a session expiry), so QoS 1 messages
   queued at the broker survive a lost connection and a broker restart with persistence on.
+  A reader that needs nothing queued for it (the monitor) asks for ``persistent_session=False``:
+  the broker then keeps nothing for it once it goes.
 - TLS (a CA, optionally a client certificate) and a username and password, when given.
 - TCP_NODELAY on the client socket: without it a small QoS 1 round trip takes ~40 ms here.
 - Reconnects with exponential backoff and jitter (at most ``max_backoff`` seconds apart),
@@ -239,6 +241,7 @@ class MqttLink(LinkBase):
         tls: TlsConfig | None = None,
         username: str | None = None,
         password: str | None = None,
+        persistent_session: bool = True,
     ) -> None:
         super().__init__(chunk_size=chunk_size)
         self.host, self.port, self.client_id = host, port, client_id
@@ -252,6 +255,7 @@ class MqttLink(LinkBase):
         self._tls = tls_context(tls) if tls is not None else None
         self._username = username
         self._password = password  # never logged
+        self._persistent = persistent_session
         self._client: _Client | None = None
         self._connected = asyncio.Event()
         self._generation = 0
@@ -284,13 +288,16 @@ class MqttLink(LinkBase):
             will = aiomqtt.Will(self._status_topic, self._offline_payload, qos=1, retain=True)
         session: dict[str, Any]
         if self._protocol == "mqtt311":
-            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+            session = {
+                "protocol": aiomqtt.ProtocolVersion.V311,
+                "clean_session": not self._persistent,
+            }
         else:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S if self._persistent else 0
             session = {
                 "protocol": aiomqtt.ProtocolVersion.V5,
-                "clean_start": False,
+                "clean_start": not self._persistent,
                 "properties": properties,
             }
         return _Client(
