@@ -52,6 +52,7 @@ def test_nodes_sorted_by_level_then_id_with_their_fields() -> None:
     assert snap["federation"] == "demo"
     assert snap["t"] == 101.5
     assert snap["totals"]["nodes"] == 4
+    assert snap["totals"]["lag_s"] == pytest.approx(1.5)  # the newest record is from t=100
     json.dumps(snap, allow_nan=False)  # JSON as it is
 
 

@@ -369,6 +369,7 @@ class FederationView:
         )
         nodes = [node.to_dict(now) for node in ordered]
         online = sum(1 for node in nodes if node["status"] in _UP)
+        newest = max((n.t for n in ordered if n.t is not None), default=None)
         for point in self._accuracy:
             if point["bytes"] is None:  # its time had no sample yet when it arrived
                 point["bytes"] = self._bytes_at(point["t"])
@@ -386,6 +387,9 @@ class FederationView:
                 "bytes_in": sum(node["bytes_in"] for node in nodes),
                 "rate_out": round(sum(node["rate_out"] for node in nodes), 1),
                 "rate_in": round(sum(node["rate_in"] for node in nodes), 1),
+                # How far behind the view runs: now minus the newest record's own time (the
+                # sender's clock). It grows if records arrive faster than they are taken.
+                "lag_s": None if newest is None else round(max(0.0, now - newest), 3),
             },
         }
 
