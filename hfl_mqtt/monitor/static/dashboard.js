@@ -144,6 +144,13 @@ function ticks(lo, hi, count) {
   return out;
 }
 
+function decimals(step) {
+  // The fewest decimals that still tell ticks ``step`` apart (0.025: 3, 0.05: 2).
+  let d = 0;
+  while (d < 6 && Math.abs(Number(step.toFixed(d)) - step) > step * 1e-6) d += 1;
+  return d;
+}
+
 function lineChart(svg, points, opts) {
   svg.replaceChildren();
   const box = svg.getBoundingClientRect();
@@ -166,12 +173,16 @@ function lineChart(svg, points, opts) {
   const grad = el("linearGradient", { id: `${svg.id}-fill`, x1: 0, y1: 0, x2: 0, y2: 1 }, defs);
   el("stop", { offset: "0%", "stop-color": opts.color, "stop-opacity": 0.35 }, grad);
   el("stop", { offset: "100%", "stop-color": opts.color, "stop-opacity": 0 }, grad);
-  for (const v of ticks(y0, y1, 5)) {
+  const yTicks = ticks(y0, y1, 5);
+  const yDecimals = decimals(yTicks.length > 1 ? yTicks[1] - yTicks[0] : 0.1);
+  for (const v of yTicks) {
     el("line", { class: "gridline", x1: m.l, x2: W - m.r, y1: sy(v), y2: sy(v) }, svg);
-    el("text", { class: "tick", x: m.l - 6, y: sy(v) + 3, "text-anchor": "end" }, svg).textContent = v.toFixed(2);
+    el("text", { class: "tick", x: m.l - 6, y: sy(v) + 3, "text-anchor": "end" }, svg).textContent = v.toFixed(yDecimals);
   }
-  for (const v of ticks(x0, x1, 5)) {
-    el("text", { class: "tick", x: sx(v), y: H - m.b + 14, "text-anchor": "middle" }, svg).textContent = opts.xFormat(v);
+  const xTicks = ticks(x0, x1, 5);
+  const xStep = xTicks.length > 1 ? xTicks[1] - xTicks[0] : 1;
+  for (const v of xTicks) {
+    el("text", { class: "tick", x: sx(v), y: H - m.b + 14, "text-anchor": "middle" }, svg).textContent = opts.xFormat(v, xStep);
   }
   el("line", { class: "axis", x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b }, svg);
   el("text", { class: "axis-label", x: W - m.r, y: H - 4, "text-anchor": "end" }, svg).textContent = opts.xLabel;
@@ -200,7 +211,8 @@ function histogram(container, level, stats, names) {
   const hist = Array.isArray(stats.hist) ? stats.hist : [];
   let last = hist.length - 1;
   while (last > 0 && !hist[last]) last -= 1;
-  const bars = hist.slice(0, Math.max(last + 1, 4));
+  const bars = hist.slice(0, last + 1);
+  while (bars.length < 4) bars.push(0);
   const W = 220, H = 110, b = 16, top = Math.max(1, ...bars);
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none" }, box);
   const w = W / bars.length;
@@ -362,7 +374,7 @@ function render(state) {
   const acc = state.accuracy || [];
   const label = (p) => `version ${text(p.version)}: accuracy ${p.accuracy.toFixed(4)}`;
   lineChart($("chart-time"), acc.map((p) => ({ x: p.t, y: p.accuracy, label: `${label(p)} at ${seconds(p.t)}` })),
-    { color: "#60a5fa", xLabel: "seconds since the root started", xFormat: (v) => `${Math.round(v)}`, empty: "no evaluation yet" });
+    { color: "#60a5fa", xLabel: "seconds since the root started", xFormat: (v, step) => v.toFixed(decimals(step)), empty: "no evaluation yet" });
   lineChart($("chart-bytes"), acc.filter((p) => p.bytes !== null && p.bytes !== undefined)
     .map((p) => ({ x: p.bytes, y: p.accuracy, label: `${label(p)} after ${bytes(p.bytes)}` })),
     { color: "#a78bfa", xLabel: "bytes sent by all nodes", xFormat: bytes, empty: "no evaluation with byte counts yet" });
