@@ -13,7 +13,9 @@
 - ``hfl-mqtt export MODEL --format torch|flower|npz --out FILE``: a model the root kept, for
   other tools (hfl_mqtt/export.py, docs/registry.md).
 - ``hfl-mqtt monitor --broker HOST:PORT``: the live tree of a running federation, from what its
-  broker carries (hfl_mqtt/monitor/): in the terminal, and ``--prometheus HOST:PORT``.
+  broker carries (hfl_mqtt/monitor/): in the terminal, ``--prometheus HOST:PORT`` and
+  ``--web HOST:PORT`` (the dashboard); ``--replay FILE --web HOST:PORT`` serves a finished sim's
+  dashboard from its metrics.jsonl, without a broker.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hfl_mqtt.config import FederationConfig, NodeConfig, load_federation, load_node
-from hfl_mqtt.errors import HflError
+from hfl_mqtt.errors import ConfigError, HflError
 from hfl_mqtt.logs import LOG_FORMATS, LogFormat, configure_logging, log_format_from_env
 from hfl_mqtt.runner import NodeOutcome, SignalStop, run_nodes
 
@@ -297,7 +299,7 @@ def _export(args: argparse.Namespace) -> int:
 def _add_monitor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     monitor = commands.add_parser("monitor", help="watch a running federation live")
     monitor.add_argument(
-        "--broker", required=True, metavar="HOST:PORT", help="a broker the nodes' records reach"
+        "--broker", metavar="HOST:PORT", help="a broker the nodes' records reach (or --replay)"
     )
     monitor.add_argument("--federation", help="which federation (default: the first seen)")
     monitor.add_argument(
@@ -318,6 +320,16 @@ def _add_monitor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     monitor.add_argument("--no-terminal", action="store_true", help="no live tree (servers only)")
     monitor.add_argument("--once", action="store_true", help="print the tree after ~2 s and exit")
+    monitor.add_argument("--web", metavar="HOST:PORT", help="serve the web dashboard there")
+    monitor.add_argument(
+        "--replay",
+        type=Path,
+        metavar="FILE",
+        help="with --web, no broker: a finished sim's metrics.jsonl (its end, or --replay-speed)",
+    )
+    monitor.add_argument(
+        "--replay-speed", type=float, metavar="X", help="replay the run at X times its pace"
+    )
 
 
 def _monitor(args: argparse.Namespace) -> int:
@@ -328,8 +340,31 @@ def _monitor(args: argparse.Namespace) -> int:
             f"hfl-mqtt: monitor needs the monitor extra (hfl-mqtt[monitor]): {exc}", file=sys.stderr
         )
         return 2
+    from hfl_mqtt.monitor.web import parse_web_address, web_server
+
+    if args.replay is not None:
+        return _replay(args.replay, args.web, args.replay_speed)
+    if args.broker is None:
+        raise ConfigError("monitor: --broker HOST:PORT (or --replay FILE --web HOST:PORT)")
     options = monitor_options(args)  # then options.servers.append(...) for more servers
+    if args.web is not None:
+        options.servers.append(web_server(*parse_web_address(args.web), say=print))
     return run_command(options)
+
+
+def _replay(path: Path, web: str | None, speed: float | None) -> int:
+    from hfl_mqtt.monitor.replay import serve_replay
+    from hfl_mqtt.monitor.web import parse_web_address
+
+    if web is None:
+        raise ConfigError("monitor --replay serves the dashboard: give --web HOST:PORT")
+    if not path.is_file():
+        raise ConfigError(f"--replay {path}: no such file")
+    if speed is not None and speed <= 0:
+        raise ConfigError(f"--replay-speed {speed:g}: want a positive factor")
+    with contextlib.suppress(KeyboardInterrupt):  # it serves until Ctrl-C: a normal end
+        asyncio.run(serve_replay(path, *parse_web_address(web), speed=speed))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
