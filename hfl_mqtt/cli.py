@@ -348,8 +348,12 @@ def _monitor(args: argparse.Namespace) -> int:
         raise ConfigError("monitor: --broker HOST:PORT (or --replay FILE --web HOST:PORT)")
     options = monitor_options(args)  # then options.servers.append(...) for more servers
     if args.web is not None:
-        options.servers.append(web_server(*parse_web_address(args.web), say=print))
+        options.servers.append(web_server(*parse_web_address(args.web), say=_say_now))
     return run_command(options)
+
+
+def _say_now(text: str) -> None:
+    print(text, flush=True)
 
 
 def _replay(path: Path, web: str | None, speed: float | None) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 from hfl_mqtt.brokers import MosquittoBroker
 from hfl_mqtt.config import BrokerAddress
 from hfl_mqtt.errors import ConfigError
+from hfl_mqtt.monitor.command import MonitorOptions, run_monitor
 from hfl_mqtt.monitor.replay import Replay, node_lines
 from hfl_mqtt.monitor.view import FederationView
 from hfl_mqtt.monitor.web import Dashboard, parse_web_address, static_dir, web_server
@@ -241,3 +245,54 @@ async def test_the_sims_watch_records_node_messages(start_broker: Any, tmp_path:
     assert [line["event"] for line in lines] == ["node", "node"]
     assert lines[1]["payload"]["node"] == "cloud"
     assert read_evaluations(path) == []
+
+
+async def test_monitor_serves_the_dashboard_of_a_broker(start_broker: Any) -> None:
+    broker: MosquittoBroker = start_broker()
+    said: list[str] = []
+    options = MonitorOptions(
+        broker=BrokerAddress(host=broker.host, port=broker.port),
+        federation="demo",
+        terminal=False,
+        servers=[web_server("127.0.0.1", 0, say=said.append)],
+    )
+    stop = asyncio.Event()
+    async with MqttLink(broker.host, broker.port, "cloud") as node:
+        await node.publish("hfl/demo/cloud/metrics", record("cloud", time.time()), retain=True)
+        monitor = asyncio.create_task(run_monitor(options, stop=stop))
+        try:
+            async with asyncio.timeout(10):
+                while not said:
+                    await asyncio.sleep(0.05)
+            url = said[0].split()[-1]
+            async with aiohttp.ClientSession(url) as session:
+                async with session.get("/api/events") as response:
+                    first = await read_event(response)
+                    while [n["id"] for n in first["nodes"]] != ["cloud"]:
+                        first = await read_event(response)  # the retained record arrives
+                    await node.publish("hfl/demo/edge-0/metrics", record("edge-0", time.time()))
+                    pushed = await read_event(response)
+                assert [n["id"] for n in pushed["nodes"]] == ["cloud", "edge-0"]
+        finally:
+            stop.set()
+            await monitor
+
+
+def test_monitor_replays_a_finished_run(tmp_path: Path, spawn: Any) -> None:
+    path = tmp_path / "metrics.jsonl"
+    write_run(path, time.time() - 60)
+    log = tmp_path / "monitor.log"
+    command = [sys.executable, "-m", "hfl_mqtt.cli", "monitor", "--replay", str(path)]
+    process = spawn(
+        [*command, "--web", "127.0.0.1:0"], stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 15
+    while "http://" not in log.read_text():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    url = log.read_text().split("http://")[1].split()[0]
+    with urllib.request.urlopen(f"http://{url}api/state", timeout=5) as response:
+        state = json.loads(response.read())
+    assert [n["id"] for n in state["nodes"]] == ["cloud", "edge-0", "worker-0"]
+    assert state["accuracy"][-1]["accuracy"] == 0.9

@@ -21,7 +21,7 @@ import structlog
 
 from hfl_mqtt.monitor.view import FederationView
 
-__all__ = ["NodeLine", "Replay", "node_lines"]
+__all__ = ["NodeLine", "Replay", "node_lines", "serve_replay"]
 
 log = structlog.get_logger("hfl_mqtt.monitor")
 
@@ -120,13 +120,17 @@ class Replay:
         log.info("replay done", lines=self.fed)
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)  # at once, also into a pipe
+
+
 async def serve_replay(
     path: Path,
     host: str,
     port: int,
     *,
     speed: float | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the dashboard of a finished run (its metrics.jsonl) until cancelled: the run's
     end at once, or the run again at ``speed``."""
@@ -141,6 +145,7 @@ async def serve_replay(
     if speed is None:
         replay.load()
     async with dashboard:
+        say = say or _say
         say(f"dashboard of {path} ({len(replay.lines)} records): {dashboard.url}")
         if speed is not None:
             await replay.run()
