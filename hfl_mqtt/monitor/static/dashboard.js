@@ -5,7 +5,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
-const ui = { selected: null, state: null, treeKey: "", filter: "" };
+const ui = { selected: null, state: null, treeKey: "", chartKey: "", filter: "", shapes: new Map() };
 
 function el(name, attrs, parent) {
   const node = document.createElementNS(SVG, name);
@@ -78,8 +78,9 @@ function drawTree(state) {
   }
   const maxRate = Math.max(1, ...nodes.map((n) => (n.rate_out || 0) + (n.rate_in || 0)));
   for (const n of nodes) {
-    const group = svg.querySelector(`g.node[data-node="${CSS.escape(n.id)}"]`);
-    if (!group) continue;
+    const shape = ui.shapes.get(n.id);
+    if (!shape) continue;
+    const { group, edge, flow } = shape;
     group.setAttribute("data-status", n.status || "unknown");
     group.classList.toggle("selected", n.id === ui.selected);
     const badge = group.querySelector("text.badge");
@@ -87,13 +88,11 @@ function drawTree(state) {
     group.querySelector("title").textContent =
       `${n.id} (${n.role || "?"}): ${n.status}, version ${text(n.version)}, ` +
       `${bytes(n.rate_out)}/s out, ${bytes(n.rate_in)}/s in`;
-    const edge = svg.querySelector(`path.edge[data-child="${CSS.escape(n.id)}"]`);
     if (edge) {
       const rate = (n.rate_out || 0) + (n.rate_in || 0);
       const width = 1.2 + 8 * Math.log1p(rate) / Math.log1p(maxRate);
       edge.setAttribute("stroke-width", width.toFixed(2));
       edge.querySelector("title").textContent = `${n.parent} – ${n.id}: ${bytes(rate)}/s`;
-      const flow = svg.querySelector(`path.flow[data-child="${CSS.escape(n.id)}"]`);
       flow.classList.toggle("active", rate > 0 && n.status !== "offline");
     }
   }
@@ -101,6 +100,7 @@ function drawTree(state) {
 
 function buildTree(svg, nodes) {
   svg.replaceChildren();
+  ui.shapes = new Map();
   const { pos, slots, depths } = layout(nodes);
   const dense = slots > 48;
   const gap = dense ? 14 : 64, rowGap = 120, pad = 40;
@@ -116,8 +116,9 @@ function buildTree(svg, nodes) {
     const [x1, y1] = xy(n.parent), [x2, y2] = xy(n.id);
     const mid = (y1 + y2) / 2;
     const d = `M${x1},${y1} C${x1},${mid} ${x2},${mid} ${x2},${y2}`;
-    el("title", {}, el("path", { class: "edge", "data-child": n.id, d }, edges));
-    el("path", { class: "flow", "data-child": n.id, d }, edges);
+    const edge = el("path", { class: "edge", "data-child": n.id, d }, edges);
+    el("title", {}, edge);
+    ui.shapes.set(n.id, { edge, flow: el("path", { class: "flow", "data-child": n.id, d }, edges) });
   }
   for (const n of nodes) {
     const [x, y] = xy(n.id);
@@ -130,6 +131,7 @@ function buildTree(svg, nodes) {
     if (showLabel) el("text", { y: r + 14 }, g).textContent = n.id;
     if (n.role !== "worker" && n.level !== null) el("text", { class: "badge", x: r + 6, y: 4, "text-anchor": "start" }, g);
     g.addEventListener("click", () => select(n.id));
+    ui.shapes.set(n.id, { ...(ui.shapes.get(n.id) || {}), group: g });
   }
 }
 
@@ -372,13 +374,22 @@ function render(state) {
   drawRejections(state);
   drawStaleness(state);
   const acc = state.accuracy || [];
+  const last = acc[acc.length - 1] || {};
+  const chartKey = `${acc.length}:${last.t}:${last.bytes}:${window.innerWidth}`;
+  if (chartKey !== ui.chartKey) {
+    ui.chartKey = chartKey;
+    drawCharts(acc);
+  }
+  document.body.dataset.nodes = String(state.nodes.length);
+}
+
+function drawCharts(acc) {
   const label = (p) => `version ${text(p.version)}: accuracy ${p.accuracy.toFixed(4)}`;
   lineChart($("chart-time"), acc.map((p) => ({ x: p.t, y: p.accuracy, label: `${label(p)} at ${seconds(p.t)}` })),
     { color: "#60a5fa", xLabel: "seconds since the root started", xFormat: (v, step) => v.toFixed(decimals(step)), empty: "no evaluation yet" });
   lineChart($("chart-bytes"), acc.filter((p) => p.bytes !== null && p.bytes !== undefined)
     .map((p) => ({ x: p.bytes, y: p.accuracy, label: `${label(p)} after ${bytes(p.bytes)}` })),
     { color: "#a78bfa", xLabel: "bytes sent by all nodes", xFormat: bytes, empty: "no evaluation with byte counts yet" });
-  document.body.dataset.nodes = String(state.nodes.length);
 }
 
 function connection(stateName, label) {
@@ -392,6 +403,7 @@ async function start() {
   try {
     const response = await fetch("/api/state", { cache: "no-store" });
     if (response.ok) render(await response.json());
+    window.firstRender = performance.now();
   } catch (err) {
     connection("lost", "server unreachable");
   }
