@@ -5,7 +5,9 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
-const ui = { selected: null, state: null, treeKey: "", chartKey: "", filter: "", shapes: new Map() };
+const ui = {
+  selected: null, state: null, treeKey: "", chartKey: "", filter: "", shapes: new Map(), clusters: new Map(),
+};
 
 function el(name, attrs, parent) {
   const node = document.createElementNS(SVG, name);
@@ -37,7 +39,9 @@ function clock(wall) { return new Date(wall * 1000).toLocaleTimeString([], { hou
 
 function layout(nodes) {
   // A tidy tree: leaves on consecutive slots, a parent centred over its children, one row per
-  // depth. Nodes whose parent is unknown start their own trees, side by side.
+  // depth. Nodes whose parent is unknown start their own trees, side by side. A large tree
+  // (dense) packs each parent's leaves in a square grid under it (1,000 workers in a row
+  // would be specks).
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const children = new Map(nodes.map((n) => [n.id, []]));
   const roots = [];
@@ -46,20 +50,33 @@ function layout(nodes) {
     else roots.push(n.id);
   }
   const pos = new Map();
-  let slot = 0, depthMax = 0;
+  const dense = nodes.filter((n) => !children.get(n.id).length).length > 48;
+  let slot = 0, depthMax = 0, subMax = 0;
   const seen = new Set();
   function place(id, depth) {
     seen.add(id);
     depthMax = Math.max(depthMax, depth);
     const kids = children.get(id).filter((k) => !seen.has(k));
-    if (!kids.length) { pos.set(id, { x: slot, depth }); slot += 1; return; }
+    if (!kids.length) { pos.set(id, { x: slot, depth, sub: 0 }); slot += 1; return; }
+    if (dense && kids.length > 4 && kids.every((k) => !children.get(k).length)) {
+      const cols = Math.ceil(Math.sqrt(kids.length));
+      kids.forEach((k, i) => {
+        seen.add(k);
+        pos.set(k, { x: slot + (i % cols), depth: depth + 1, sub: Math.floor(i / cols), packed: true });
+      });
+      subMax = Math.max(subMax, Math.ceil(kids.length / cols) - 1);
+      depthMax = Math.max(depthMax, depth + 1);
+      pos.set(id, { x: slot + (cols - 1) / 2, depth, sub: 0 });
+      slot += cols + 1;
+      return;
+    }
     const xs = kids.map((k) => { place(k, depth + 1); return pos.get(k).x; });
-    pos.set(id, { x: (Math.min(...xs) + Math.max(...xs)) / 2, depth });
+    pos.set(id, { x: (Math.min(...xs) + Math.max(...xs)) / 2, depth, sub: 0 });
   }
   roots.sort((a, b) => (byId.get(a).level ?? 99) - (byId.get(b).level ?? 99) || a.localeCompare(b));
   for (const r of roots) place(r, 0);
   for (const n of nodes) if (!pos.has(n.id)) place(n.id, 0); // a cycle of parents: still shown
-  return { pos, slots: Math.max(slot, 1), depths: depthMax + 1 };
+  return { pos, slots: Math.max(slot, 1), depths: depthMax + 1, dense, subMax };
 }
 
 function radius(node, dense) {
@@ -76,7 +93,23 @@ function drawTree(state) {
     buildTree(svg, nodes);
     ui.treeKey = key;
   }
-  const maxRate = Math.max(1, ...nodes.map((n) => (n.rate_out || 0) + (n.rate_in || 0)));
+  const rateOf = (n) => (n.rate_out || 0) + (n.rate_in || 0);
+  const clusters = new Map();
+  for (const n of nodes) {
+    if (ui.clusters.has(n.parent) && ui.shapes.get(n.id)?.packed) {
+      const c = clusters.get(n.parent) || { rate: 0, count: 0 };
+      c.rate += rateOf(n); c.count += 1;
+      clusters.set(n.parent, c);
+    }
+  }
+  const maxRate = Math.max(1, ...nodes.map(rateOf), ...[...clusters.values()].map((c) => c.rate));
+  const width = (rate) => (1.2 + 8 * Math.log1p(rate) / Math.log1p(maxRate)).toFixed(2);
+  for (const [parent, c] of clusters) {
+    const { edge, flow } = ui.clusters.get(parent);
+    edge.setAttribute("stroke-width", width(c.rate));
+    edge.querySelector("title").textContent = `${parent} – its ${c.count} workers: ${bytes(c.rate)}/s`;
+    flow.classList.toggle("active", c.rate > 0);
+  }
   for (const n of nodes) {
     const shape = ui.shapes.get(n.id);
     if (!shape) continue;
@@ -89,9 +122,8 @@ function drawTree(state) {
       `${n.id} (${n.role || "?"}): ${n.status}, version ${text(n.version)}, ` +
       `${bytes(n.rate_out)}/s out, ${bytes(n.rate_in)}/s in`;
     if (edge) {
-      const rate = (n.rate_out || 0) + (n.rate_in || 0);
-      const width = 1.2 + 8 * Math.log1p(rate) / Math.log1p(maxRate);
-      edge.setAttribute("stroke-width", width.toFixed(2));
+      const rate = rateOf(n);
+      edge.setAttribute("stroke-width", width(rate));
       edge.querySelector("title").textContent = `${n.parent} – ${n.id}: ${bytes(rate)}/s`;
       flow.classList.toggle("active", rate > 0 && n.status !== "offline");
     }
@@ -101,19 +133,30 @@ function drawTree(state) {
 function buildTree(svg, nodes) {
   svg.replaceChildren();
   ui.shapes = new Map();
-  const { pos, slots, depths } = layout(nodes);
-  const dense = slots > 48;
-  const gap = dense ? 14 : 64, rowGap = 120, pad = 40;
+  ui.clusters = new Map();
+  const { pos, slots, depths, dense, subMax } = layout(nodes);
+  const gap = dense ? 14 : 64, rowGap = dense ? 90 : 120, pad = 40;
   const width = Math.max(720, slots * gap + 2 * pad);
-  const height = Math.max(260, (depths - 1) * rowGap + 2 * pad + 20);
+  const height = Math.max(260, (depths - 1) * rowGap + subMax * gap + 2 * pad + 20);
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
   const offset = (width - (slots - 1) * gap) / 2;
-  const xy = (id) => { const p = pos.get(id); return [offset + p.x * gap, pad + p.depth * rowGap]; };
+  const xy = (id) => { const p = pos.get(id); return [offset + p.x * gap, pad + p.depth * rowGap + p.sub * gap]; };
   const edges = el("g", {}, svg), groups = el("g", {}, svg);
   for (const n of nodes) {
     if (!n.parent || !pos.has(n.parent) || pos.get(n.id).depth === 0) continue;
-    const [x1, y1] = xy(n.parent), [x2, y2] = xy(n.id);
+    const [x1, y1] = xy(n.parent);
+    if (pos.get(n.id).packed) {
+      if (!ui.clusters.has(n.parent)) {  // one edge into the grid of the parent's leaves
+        const y2 = y1 + rowGap - gap;
+        const d = `M${x1},${y1} L${x1},${y2}`;
+        const edge = el("path", { class: "edge", "data-cluster": n.parent, d }, edges);
+        el("title", {}, edge);
+        ui.clusters.set(n.parent, { edge, flow: el("path", { class: "flow", d }, edges) });
+      }
+      continue;
+    }
+    const [x2, y2] = xy(n.id);
     const mid = (y1 + y2) / 2;
     const d = `M${x1},${y1} C${x1},${mid} ${x2},${mid} ${x2},${y2}`;
     const edge = el("path", { class: "edge", "data-child": n.id, d }, edges);
@@ -122,7 +165,8 @@ function buildTree(svg, nodes) {
   }
   for (const n of nodes) {
     const [x, y] = xy(n.id);
-    const r = radius(n, dense);
+    const packed = Boolean(pos.get(n.id).packed);
+    const r = packed ? 5.5 : radius(n, dense);
     const g = el("g", { class: "node", "data-node": n.id, id: `node-${n.id}`, transform: `translate(${x},${y})` }, groups);
     el("title", {}, g);
     el("circle", { class: "ring", r: r + 4 }, g);
@@ -131,7 +175,7 @@ function buildTree(svg, nodes) {
     if (showLabel) el("text", { y: r + 14 }, g).textContent = n.id;
     if (n.role !== "worker" && n.level !== null) el("text", { class: "badge", x: r + 6, y: 4, "text-anchor": "start" }, g);
     g.addEventListener("click", () => select(n.id));
-    ui.shapes.set(n.id, { ...(ui.shapes.get(n.id) || {}), group: g });
+    ui.shapes.set(n.id, { ...(ui.shapes.get(n.id) || {}), group: g, packed });
   }
 }
 
