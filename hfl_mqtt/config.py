@@ -122,6 +122,12 @@ class TlsConfig(_Frozen):
 
 
 PASSWORD_ENV = "HFL_MQTT_PASSWORD"
+
+AGGREGATOR_METRICS_INTERVAL_S = 1.0
+"""An aggregator's metrics record, at most this often (docs/monitoring.md)."""
+WORKER_METRICS_INTERVAL_S = 5.0
+"""A worker's, at most this often: a board's link is often metered, a fleet has thousands of
+workers, and what a worker does each round its parent's record counts too."""
 """Environment variable that, when set, overrides every ``password_file`` of the process."""
 
 
@@ -500,9 +506,10 @@ class NodeConfig(_Frozen):
     """An aggregator's checkpoints (and, at the root, its models); default: under
     ``$HFL_MQTT_STATE_DIR``, systemd's ``$STATE_DIRECTORY`` or ``~/.local/state/hfl-mqtt``, in
     ``{federation}/{node}``."""
-    metrics_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    metrics_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     """How often, at most, the node publishes its metrics record (``hfl_mqtt.metrics``; only
-    when something changed); 0: never."""
+    when something changed); 0: never; None: ``AGGREGATOR_METRICS_INTERVAL_S`` for an
+    aggregator, ``WORKER_METRICS_INTERVAL_S`` for a worker."""
 
     @model_validator(mode="after")
     def _has_a_link(self, info: ValidationInfo) -> NodeConfig:
@@ -526,6 +533,15 @@ class NodeConfig(_Frozen):
         if self.upstream is None and self.flower_parent is None:
             return "root"
         return "aggregator" if self.downstream is not None else "worker"
+
+    @property
+    def metrics_every_s(self) -> float:
+        """``metrics_interval_s``, or its default for the node's role (0: no records)."""
+        if self.metrics_interval_s is not None:
+            return self.metrics_interval_s
+        if self.role == "worker":
+            return WORKER_METRICS_INTERVAL_S
+        return AGGREGATOR_METRICS_INTERVAL_S
 
 
 class LevelConfig(RoundConfig):
@@ -564,8 +580,14 @@ class FederationConfig(_Frozen):
     """Give every node below the root's children fallback parents (its parent's next sibling,
     then its grandparent, each with its broker where that is not the node's) and every
     aggregator the matching ``adoptees``: see docs/reparenting.md."""
-    metrics_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
-    """Every node's ``NodeConfig.metrics_interval_s`` (0: no metrics records)."""
+    metrics_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = (
+        AGGREGATOR_METRICS_INTERVAL_S
+    )
+    """Every aggregator's ``NodeConfig.metrics_interval_s`` (0: no metrics records)."""
+    worker_metrics_interval_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = (
+        WORKER_METRICS_INTERVAL_S
+    )
+    """Every worker's ``NodeConfig.metrics_interval_s`` (0: no metrics records)."""
 
     @model_validator(mode="after")
     def _shape(self) -> FederationConfig:
@@ -678,7 +700,9 @@ class FederationConfig(_Frozen):
                     level=d,
                     chunk_size=self.chunk_size,
                     device=devices[workers.index(node)] if devices and node not in tree else None,
-                    metrics_interval_s=self.metrics_interval_s,
+                    metrics_interval_s=self.metrics_interval_s
+                    if node in tree
+                    else self.worker_metrics_interval_s,
                 )
             )
         return configs

@@ -9,8 +9,8 @@ compact JSON object (docs/monitoring.md lists its fields); empty and zero fields
 ``MetricsPublisher`` builds it from the node's ``NodeReport``, its links' ``LinkStats`` and
 what the role says of itself now (``NodeNow``), and publishes it (retained, QoS 1) on the link
 that carries the node's status, so that it follows the node to another parent and broker: at
-most once per ``NodeConfig.metrics_interval_s``, only when something changed, and once more
-at a clean stop. What only moves by itself (the time, the uptime, memory, CPU, and the bytes
+most once per ``NodeConfig.metrics_interval_s`` (by default 1 s for an aggregator, 5 s for a
+worker), only when something changed, and once more at a clean stop. What only moves by itself (the time, the uptime, memory, CPU, and the bytes
 of the records themselves) is no change: an idle node publishes nothing.
 
 Memory and CPU are the process's (a simulation runs hundreds of nodes in one): read from
@@ -230,7 +230,7 @@ class MetricsPublisher:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.interval_s = config.metrics_interval_s
+        self.interval_s = config.metrics_every_s
         self.topic = metrics_topic(config.federation, config.node)
         self._config = config
         self._report = report
@@ -352,6 +352,6 @@ def metrics_publisher(
     now: Callable[[], NodeNow],
 ) -> MetricsPublisher | None:
     """The node's publisher, or None if its metrics are off (``metrics_interval_s`` 0)."""
-    if config.metrics_interval_s <= 0:
+    if config.metrics_every_s <= 0:
         return None
     return MetricsPublisher(config, report, channel, links=links, now=now)

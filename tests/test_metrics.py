@@ -322,6 +322,7 @@ def small_federation(interval: float) -> FederationConfig:
         fanout=[2, 2],
         task=TaskConfig(model="softmax", train=TrainConfig(epochs=1, batch_size=32)),
         metrics_interval_s=interval,
+        worker_metrics_interval_s=interval,
     )
 
 
@@ -363,3 +364,19 @@ async def test_metrics_off_publishes_no_record() -> None:
         )
     assert not [t for t in broker.retained if t.endswith("/metrics")]
     assert all("metrics" not in (r.up or r.down or LinkStats()).by_topic_kind for r in reports)
+
+
+def test_a_worker_reports_less_often_than_an_aggregator_unless_told() -> None:
+    """By default an aggregator's record may go every second, a worker's every 5 s."""
+    nodes = {n.node: n for n in small_federation(1.0).node_configs({})}
+    default = FederationConfig.model_validate(
+        small_federation(1.0).model_dump(
+            exclude={"metrics_interval_s", "worker_metrics_interval_s"}
+        )
+    )
+    by_default = {n.node: n for n in default.node_configs({})}
+    assert by_default["cloud"].metrics_every_s == 1.0
+    assert by_default["worker-0"].metrics_every_s == 5.0
+    assert nodes["worker-0"].metrics_every_s == 1.0
+    hand_written = nodes["worker-0"].model_copy(update={"metrics_interval_s": None})
+    assert hand_written.metrics_every_s == 5.0
