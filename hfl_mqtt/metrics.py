@@ -10,8 +10,9 @@ compact JSON object (docs/monitoring.md lists its fields); empty and zero fields
 what the role says of itself now (``NodeNow``), and publishes it (retained, QoS 1) on the link
 that carries the node's status, so that it follows the node to another parent and broker: at
 most once per ``NodeConfig.metrics_interval_s`` (by default 1 s for an aggregator, 5 s for a
-worker), only when something changed, and once more at a clean stop. What only moves by itself (the time, the uptime, memory, CPU, and the bytes
-of the records themselves) is no change: an idle node publishes nothing.
+worker), only when something changed, and once more at a clean stop. What only moves by
+itself (the time, the uptime, memory, CPU, and the bytes of the records themselves) is no
+change: an idle node publishes nothing.
 
 Memory and CPU are the process's (a simulation runs hundreds of nodes in one): read from
 ``/proc/self`` (the ``resource`` module where there is none), at most every half second.
@@ -23,6 +24,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -326,7 +328,11 @@ class MetricsPublisher:
         return True
 
     async def run(self) -> None:
-        """Publish records for as long as the node runs (cancel it to stop)."""
+        """Publish records for as long as the node runs (cancel it to stop): the first at
+        once, then on a phase of the node's own, so that the records of many nodes started
+        together (a simulation, a fleet after a broker restart) do not all come at once."""
+        await self.publish_if_due()
+        await asyncio.sleep(self.interval_s * random.random())
         while True:
             await self.publish_if_due()
             await asyncio.sleep(max(self.due_in(), self.interval_s))
