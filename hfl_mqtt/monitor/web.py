@@ -200,15 +200,19 @@ class Dashboard:
 
     async def _broadcast(self) -> None:
         """One snapshot per change (at most one per ``interval``), shared by every client."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._changed.wait()
             self._changed.clear()
+            began = loop.time()
             if self._clients:
                 data = _event(self.state())
                 self.sent += 1
                 for client in self._clients:
                     client.offer(data)
-            await asyncio.sleep(self.interval)
+            # One tick from when this snapshot was begun, not from when it was done: building
+            # a large tree's snapshot takes tens of milliseconds.
+            await asyncio.sleep(max(0.0, began + self.interval - loop.time()))
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(static_dir() / "index.html", headers=_NO_CACHE)
