@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,8 +171,8 @@ def _simulate(
 
     if web is not None:
         try:
-            from hfl_mqtt.monitor import FederationView
-            from hfl_mqtt.monitor.web import Dashboard, parse_web_address
+            from hfl_mqtt.monitor.sim_dashboard import SimDashboard
+            from hfl_mqtt.monitor.web import parse_web_address
         except ImportError as exc:
             print(
                 f"hfl-mqtt: --web needs the monitor extra (hfl-mqtt[monitor]): {exc}",
@@ -186,16 +185,12 @@ def _simulate(
 
     async def run() -> None:
         async with contextlib.AsyncExitStack() as stack:
-            observe: Callable[[str, bytes, float], None] | None = None
-            if web is not None:
-                view = FederationView(config.federation)
-                dashboard = await stack.enter_async_context(Dashboard(view, host, port))
+            dashboard = None
+            if web is not None:  # in a process of its own (hfl_mqtt/monitor/sim_dashboard.py)
+                dashboard = await stack.enter_async_context(
+                    SimDashboard(host, port, log_level=_log_level(verbose))
+                )
                 progress.say(f"dashboard: {dashboard.url}")
-
-                def observe(topic: str, payload: bytes, now: float) -> None:
-                    if view.observe(topic, payload, now):
-                        dashboard.changed()
-
             summary = await simulate(
                 config,
                 out,
@@ -203,10 +198,10 @@ def _simulate(
                 processes=processes,
                 log_level=_log_level(verbose),
                 resume=resume,
-                on_node_message=observe,
+                watcher=dashboard,
             )
             _say_summary(progress, summary, out)
-            if web is not None and linger > 0:
+            if dashboard is not None and linger > 0:
                 progress.say(
                     f"dashboard stays at {dashboard.url} for {linger:g} s (Ctrl-C ends it)"
                 )

@@ -42,7 +42,7 @@ from hfl_mqtt.roles.aggregator import EventCallback
 from hfl_mqtt.roles.messages import STOP
 from hfl_mqtt.roles.node import Checkpoints, run_node
 from hfl_mqtt.roles.report import NodeReport
-from hfl_mqtt.simwatch import MessageCallback, NodeWatch, read_evaluations
+from hfl_mqtt.simwatch import MessageCallback, NodeWatch, NodeWatcher, read_evaluations
 from hfl_mqtt.telemetry import load_pyplot, plot_staleness, staleness_summary
 from hfl_mqtt.topics import ctl_topic
 from hfl_mqtt.transport.mqtt import MqttLink
@@ -332,6 +332,7 @@ async def simulate(
     meter_links: bool = False,
     resume: Path | None = None,
     on_node_message: MessageCallback | None = None,
+    watcher: NodeWatcher | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` to the end; write ``out/summary.json``, ``metrics.jsonl``, the plot.
 
@@ -345,7 +346,8 @@ async def simulate(
     ``cloud_link_bytes`` in every evaluation (the links into the root's broker).
 
     The nodes' status and metrics messages go to ``metrics.jsonl`` too, and to
-    ``on_node_message`` (topic, payload, wall time) if given: a dashboard's view.
+    ``on_node_message`` (topic, payload, wall time) if given: a dashboard's view. A ``watcher``
+    (the dashboard's process) hears them instead, and appends them to ``metrics.jsonl`` itself.
     """
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -363,9 +365,11 @@ async def simulate(
     metrics_path = out / "metrics.jsonl"
     events: list[dict[str, Any]] = []
     meters: dict[str, LinkMeter] | None = {} if meter_links else None
+    metrics_path.write_text("")
     with (
         _brokers(config, workdir, progress, meters) as brokers,
-        metrics_path.open("w") as metrics_file,
+        # Appending: a watcher's process appends to the same file (a whole line a write).
+        metrics_path.open("a", encoding="utf-8") as metrics_file,
     ):
         nodes = [
             n if n.role == "worker" else n.model_copy(update={"state_dir": state / n.node})
@@ -393,10 +397,15 @@ async def simulate(
             if progress is not None:
                 progress.round(event)
 
-        watch = NodeWatch(
-            config.federation, brokers.values(), metrics_file, on_message=on_node_message
-        )
-        async with watch:
+        async with contextlib.AsyncExitStack() as watching:
+            if watcher is not None:
+                await watcher.watch(config.federation, brokers.values(), metrics_path)
+                watching.push_async_callback(watcher.drain)
+            else:
+                watch = NodeWatch(
+                    config.federation, brokers.values(), metrics_file, on_message=on_node_message
+                )
+                await watching.enter_async_context(watch)
             aggregator_reports, worker_reports = await _run_nodes(
                 nodes, groups, log_level, on_event, "fresh" if resume is None else "resume"
             )

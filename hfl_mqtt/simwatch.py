@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TextIO
+from typing import Any, Protocol, Self, TextIO
 
 import structlog
 
@@ -30,7 +30,14 @@ from hfl_mqtt.config import BrokerAddress
 from hfl_mqtt.errors import TransportError
 from hfl_mqtt.transport.mqtt import MqttLink
 
-__all__ = ["NODE_EVENT", "MessageCallback", "NodeWatch", "is_evaluation", "read_evaluations"]
+__all__ = [
+    "NODE_EVENT",
+    "MessageCallback",
+    "NodeWatch",
+    "NodeWatcher",
+    "is_evaluation",
+    "read_evaluations",
+]
 
 NODE_EVENT = "node"
 """The "event" of a metrics.jsonl line that holds a node's status or metrics message."""
@@ -43,6 +50,17 @@ _QUIET_S = 0.3
 passes without one, or ``drain_s``."""
 
 log = structlog.get_logger("hfl_mqtt.sim")
+
+
+class NodeWatcher(Protocol):
+    """Hears the nodes somewhere else (``hfl_mqtt.monitor.sim_dashboard``: in the dashboard's
+    process) and appends their "node" lines to ``metrics_path`` itself."""
+
+    async def watch(
+        self, federation: str, brokers: Iterable[BrokerAddress], metrics_path: Path
+    ) -> None: ...
+
+    async def drain(self) -> int: ...
 
 
 def is_evaluation(line: dict[str, Any]) -> bool:

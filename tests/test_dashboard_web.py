@@ -21,6 +21,7 @@ from hfl_mqtt.config import BrokerAddress
 from hfl_mqtt.errors import ConfigError
 from hfl_mqtt.monitor.command import MonitorOptions, run_monitor
 from hfl_mqtt.monitor.replay import Replay, node_lines
+from hfl_mqtt.monitor.sim_dashboard import SimDashboard
 from hfl_mqtt.monitor.view import FederationView
 from hfl_mqtt.monitor.web import Dashboard, parse_web_address, static_dir, web_server
 from hfl_mqtt.sim import read_evaluations
@@ -296,3 +297,43 @@ def test_monitor_replays_a_finished_run(tmp_path: Path, spawn: Any) -> None:
         state = json.loads(response.read())
     assert [n["id"] for n in state["nodes"]] == ["cloud", "edge-0", "worker-0"]
     assert state["accuracy"][-1]["accuracy"] == 0.9
+
+
+async def test_the_sims_dashboard_process_serves_watches_and_appends(
+    start_broker: Any, tmp_path: Path
+) -> None:
+    """``sim --web``'s dashboard runs in its own process: it serves the page at once, hears the
+    nodes once told the brokers, and appends their lines after the simulator's own."""
+    broker: MosquittoBroker = start_broker()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"global_round": 1, "accuracy": 0.5}\n')
+    async with (
+        SimDashboard("127.0.0.1", 0) as dashboard,
+        aiohttp.ClientSession() as session,
+        MqttLink(broker.host, broker.port, "cloud") as node,
+    ):
+        await node.publish("hfl/demo/cloud/status", b'{"state": "online"}', retain=True)
+        await dashboard.watch("demo", [BrokerAddress(host=broker.host, port=broker.port)], path)
+        await node.publish("hfl/demo/cloud/metrics", record("cloud", time.time()), retain=True)
+        async with asyncio.timeout(10):
+            while True:
+                async with session.get(dashboard.url + "api/state") as response:
+                    state = await response.json()
+                if state["nodes"] and state["nodes"][0]["role"] == "root":
+                    break
+                await asyncio.sleep(0.1)
+        assert state["federation"] == "demo"
+        assert await dashboard.drain() == 2
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"global_round": 1, "accuracy": 0.5}  # the simulator's line kept
+    assert [line.get("event") for line in lines[1:]] == ["node", "node"]
+
+
+async def test_the_sims_dashboard_process_on_a_port_in_use_fails_at_once() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="address already in use"):
+            async with SimDashboard("127.0.0.1", port):
+                pass
