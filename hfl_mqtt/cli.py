@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,6 +185,12 @@ def _simulate(
     progress = Progress(root.rounds, max_seconds=root.max_seconds)
 
     async def run() -> None:
+        # SIGTERM ends the run as Ctrl-C does: the workers are stopped, the brokers and the
+        # dashboard's process ended (by default it killed only this process, and left them).
+        task = asyncio.current_task()
+        assert task is not None
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         async with contextlib.AsyncExitStack() as stack:
             dashboard = None
             if web is not None:  # in a process of its own (hfl_mqtt/monitor/sim_dashboard.py)
@@ -207,7 +214,10 @@ def _simulate(
                 )
                 await asyncio.sleep(linger)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except asyncio.CancelledError:  # SIGTERM, after the run was stopped and cleaned up
+        return 128 + signal.SIGTERM
     return 0
 
 
