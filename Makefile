@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-staleness bench-recovery bench-chaos bench-footprint test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ bench-staleness: $(STAMP)
 bench-recovery: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/recovery_bench.py --json benchmarks/out/recovery.json
+
+# What the nodes' metrics records cost the demo, and the dashboard of 1,000 workers keeping up
+# (about 3 minutes).
+bench-monitor: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/metrics_cost_bench.py --json benchmarks/out/metrics_cost.json
+	$(BIN)/python benchmarks/monitor_bench.py --json benchmarks/out/monitor.json
 
 # Real node processes killed -9, brokers crashed, hostile payloads, a site cut off, 3 seeds
 # (about 20 minutes); rewrites its section of RESULTS.md and its plots from the results.
