@@ -12,6 +12,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -624,3 +625,52 @@ def test_the_shipped_fleet_example_plans_a_bridged_site_per_edge(tmp_path: Path)
     worker = load_node(tmp_path / "fleet" / "nodes" / "worker-5.yaml").upstream
     assert worker is not None
     assert (worker.broker.host, worker.broker.port) == ("192.168.20.2", 8883)
+
+
+@needs_mosquitto
+@pytest.mark.anyio
+async def test_the_operator_monitors_a_planned_broker_over_tls(tmp_path: Path) -> None:
+    """``hfl-mqtt monitor`` with the plan's CA and the operator's password sees a node's
+    record; a wrong password fails at once, naming the broker."""
+    plan, out = make(tmp_path, tls=True)
+    cloud = plan.brokers["cloud"]
+    with started(out / "brokers" / "cloud" / "mosquitto.conf", cloud.port):
+        password = (out / "secrets" / "edge-1.password").read_text().strip()
+        edge = aiomqtt.Client(
+            cloud.host,
+            cloud.port,
+            username="edge-1",
+            password=password,
+            tls_params=tls_params(out),
+            protocol=aiomqtt.ProtocolVersion.V5,
+        )
+        record = b'{"node":"edge-1","role":"aggregator","level":1,"parent":"cloud","version":7}'
+        async with edge:
+            await edge.publish(metrics_topic(FED, "edge-1"), record, qos=1, retain=True)
+        command = ["monitor", "--broker", f"{cloud.host}:{cloud.port}", "--federation", FED]
+        command += ["--ca", str(out / "certs" / "ca.crt"), "--username", OPERATOR, "--once"]
+        secret = out / "secrets" / f"{OPERATOR}.password"
+        seen = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "hfl_mqtt.cli", *command, "--password-file", str(secret)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert seen.returncode == 0, seen.stderr
+        assert "edge-1" in seen.stdout
+        assert "v7" in seen.stdout
+        wrong = tmp_path / "wrong.password"
+        wrong.write_text("not it\n")
+        started_at = time.monotonic()
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "hfl_mqtt.cli", *command, "--password-file", str(wrong)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2
+        assert "AuthenticationError" in refused.stderr
+        assert f"{cloud.port}" in refused.stderr
+        assert time.monotonic() - started_at < 15  # at once, not after retries
