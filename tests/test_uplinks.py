@@ -124,6 +124,25 @@ async def test_uplinks_route_a_parents_topics_to_its_broker_and_the_nodes_own_to
 
 
 @pytest.mark.anyio
+async def test_a_message_that_reached_a_link_is_waiting_at_once_in_order() -> None:
+    """What reached a link is seen by ``receive_nowait`` with no step of the pumps between (a
+    worker asks the moment its training ends), and nothing is reordered or lost."""
+    broker = MemoryBroker()
+    async with (
+        MemoryLink(broker, "w") as home,
+        Uplinks(home, upstream_config(), federation=FED, node="w") as links,
+    ):
+        await links.subscribe(ctl_topic(FED, "w"))
+        for n in range(5):
+            await broker.publish(ctl_topic(FED, "w"), b"%d" % n, False)
+        assert links.receive_nowait() is not None  # no await since: the pump has not run
+        await asyncio.sleep(0)  # the pump moves some
+        rest = [links.receive_nowait() for _ in range(4)]
+        assert [m.payload for m in rest if m is not None] == [b"1", b"2", b"3", b"4"]
+        assert links.receive_nowait() is None
+
+
+@pytest.mark.anyio
 async def test_an_unreachable_fallback_broker_sends_the_node_to_the_next_fallback() -> None:
     def open_link(broker: BrokerAddress) -> LinkBase:
         raise TransportError("connection refused")

@@ -68,6 +68,8 @@ class Uplinks:
         """Subscriptions to parents' topics, by the broker they are on (made once connected)."""
         self._inbox: asyncio.Queue[Incoming | HflError] = asyncio.Queue(1000)
         self._pumps: list[asyncio.Task[None]] = []
+        self._pumped: list[LinkBase] = []
+        """The links a pump reads."""
         self._stack: contextlib.AsyncExitStack | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -92,6 +94,7 @@ class Uplinks:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
         self._pumps.clear()
+        self._pumped.clear()
         if self._stack is not None:
             stack, self._stack = self._stack, None
             await stack.aclose()  # closing a link publishes the node's offline status there
@@ -100,12 +103,19 @@ class Uplinks:
         async def pump() -> None:
             try:
                 while True:
-                    await self._inbox.put(await link.receive())
+                    # Taken and handed on in one step: until then it is still the link's, and
+                    # receive_nowait sees it there.
+                    message = link.receive_nowait()
+                    if message is None:
+                        await link.wait_queued()
+                    else:
+                        await self._inbox.put(message)
             except HflError as exc:  # the link failed: its error reaches the reader
                 await self._inbox.put(exc)
 
         name = f"{self._node}:uplink:{len(self._pumps)}"
         self._pumps.append(asyncio.create_task(pump(), name=name))
+        self._pumped.append(link)
 
     # --- links ----------------------------------------------------------------------------------
 
@@ -200,10 +210,18 @@ class Uplinks:
         return _raised(await self._inbox.get())
 
     def receive_nowait(self) -> Incoming | None:
+        """The next message if one is waiting, else None. What has reached a link but not yet
+        been moved over by its pump counts as waiting: a worker asks this the moment its
+        training ends, to learn whether a newer model came meanwhile."""
         try:
             return _raised(self._inbox.get_nowait())
         except asyncio.QueueEmpty:
-            return None
+            pass
+        for link in self._pumped:
+            message = link.receive_nowait()
+            if message is not None:
+                return message
+        return None
 
 
 def _raised(item: Incoming | HflError) -> Incoming:

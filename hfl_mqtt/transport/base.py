@@ -120,6 +120,8 @@ class LinkBase(ABC):
         self.chunk_size = chunk_size
         self.stats = LinkStats()
         self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(max_pending)
+        self._queued = asyncio.Event()
+        """Set while the inbox may hold a message (``wait_queued``)."""
         self._reassembler = Reassembler(max_transfers=max_transfers)
         self._retained_chunks: dict[str, int] = {}
         self._retained: dict[str, bytes] = {}
@@ -260,9 +262,19 @@ class LinkBase(ABC):
         try:
             return self._inbox.get_nowait()
         except asyncio.QueueEmpty:
+            self._queued.clear()
             if self._failure is not None and self._failure.done():
                 self._check_open()
             return None
+
+    async def wait_queued(self) -> None:
+        """Until a message is waiting (the link's error if it fails first), without taking
+        it: a reader that forwards messages elsewhere (``roles/uplinks.py``) then takes it
+        with ``receive_nowait``, so no message is ever in nobody's hands between two steps."""
+        if not self._inbox.empty():
+            return
+        self._queued.clear()
+        await self._or_failure(self._queued.wait)
 
     async def _arrived(self, topic: str, payload: bytes, retain: bool) -> None:
         """Reassemble if needed and queue; called by subclasses for every MQTT message.
@@ -288,3 +300,4 @@ class LinkBase(ABC):
             payload = whole
         self.stats.count_received(_topic_kind(base_topic), len(payload))
         await self._inbox.put(Incoming(base_topic, payload, retain))
+        self._queued.set()
