@@ -67,11 +67,13 @@ _OWN_KIND = "metrics"
 @dataclass(frozen=True, slots=True)
 class NodeNow:
     """What a role says of itself at the moment: its parent (None at the root, or under a
-    Flower server), what its status says, and the model version it holds (None: none yet)."""
+    Flower server), what its status says, the model version it holds (None: none yet), and,
+    for an aggregator, which of its children are down (offline, or idle with no child left)."""
 
     parent: str | None
     status: str
     version: int | None
+    children_down: tuple[str, ...] = ()
 
 
 # --- the process ----------------------------------------------------------------------------
@@ -271,6 +273,9 @@ class MetricsPublisher:
             "reconnects": sum(stats.reconnects for stats in links),
             "last_error": report.last_error,
             "trained": report.trained,
+            # What the node's parent sees of its children: a monitor on another broker (the
+            # root's, above a site broker) learns from it that a worker died.
+            "children_down": list(now.children_down),
         }
         if report.role != "worker":
             self._staleness.update(report)

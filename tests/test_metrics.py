@@ -170,6 +170,15 @@ async def test_record_holds_the_spec_fields_and_leaves_out_empty_ones() -> None:
     assert record["rss"] > 0
     assert "trained" not in record  # zero: left out
     assert "accuracy" not in record  # not the root
+    assert "children_down" not in record  # none down: left out
+
+
+async def test_the_record_names_the_children_that_are_down() -> None:
+    broker, clock, node = MemoryBroker(), Clock(), Node()
+    node.now = NodeNow("cloud", "online", 3, ("w-2", "w-7"))
+    async with MemoryLink(broker, "edge-0") as link:
+        assert await node.publisher(link, clock).publish_if_due()
+    assert retained(broker)["children_down"] == ["w-2", "w-7"]
 
 
 async def test_a_worker_record_has_no_staleness_and_the_root_has_its_evaluations() -> None:

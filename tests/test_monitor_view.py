@@ -316,3 +316,19 @@ def test_keeps_up_with_a_thousand_workers() -> None:
     assert len(snap["nodes"]) == 1010
     assert per_observe < 0.5e-3, per_observe
     assert per_snapshot < 0.1, per_snapshot
+
+
+def test_a_worker_its_parent_says_is_down_shows_offline_unless_its_own_status_speaks() -> None:
+    """Behind a site broker a worker's status never reaches the root's broker; its parent's
+    record says when it is down."""
+    view = tree()
+    down = record("edge-0", 101, role="aggregator", level=1, parent="cloud", children_down=["w0"])
+    assert view.observe(metrics("edge-0"), down, 101)
+    snap = view.snapshot(101.5)
+    assert node_of(snap, "w0")["status"] == "offline"
+    assert node_of(snap, "w1")["status"] != "offline"
+    view.observe(status("w0"), b'{"state": "online"}', 102)  # the node's own word wins
+    assert node_of(view.snapshot(102), "w0")["status"] == "online"
+    up = record("edge-0", 103, role="aggregator", level=1, parent="cloud")
+    view.observe(metrics("edge-0"), up, 103)
+    assert node_of(view.snapshot(103), "w1")["status"] != "offline"

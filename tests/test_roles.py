@@ -435,6 +435,8 @@ async def test_offline_child_below_the_minimum_does_not_close_the_round() -> Non
         await run.until(lambda: "c" in run.agg._offline)
         await run.settle()
         assert run.report.rounds == 0  # every child is needed: offline or not
+        # Its metrics record says so, for a monitor that cannot hear c's Last Will.
+        assert run.agg._metrics_now().children_down == ("c",)
 
 
 # --- a new parent model mid-cycle --------------------------------------------------------------

@@ -62,6 +62,11 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _names(value: object) -> tuple[str, ...]:
+    """The strings of a list (a malformed one: none)."""
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
 def _counters(value: object) -> dict[str, int]:
     """``{"reason": count}`` with only the well-formed entries."""
     if not isinstance(value, dict):
@@ -128,6 +133,8 @@ class NodeState:
     cpu_s: float | None = None
     uptime_s: float | None = None
     records: int = 0
+    children_down: tuple[str, ...] = ()
+    """The children its last record says are down (an aggregator's)."""
 
     def rates(self, now: float) -> tuple[float, float]:
         """Bytes per second out and in between the last two records; once the next record is
@@ -299,6 +306,7 @@ class FederationView:
         node.uptime_s = _float(value.get("uptime_s"))
         staleness = value.get("staleness")
         node.staleness = staleness if isinstance(staleness, dict) else None
+        node.children_down = _names(value.get("children_down"))
 
         rejected = _counters(value.get("rejected"))
         for reason, count in rejected.items():
@@ -368,6 +376,9 @@ class FederationView:
             key=lambda n: (n.level is None, n.level or 0, n.id),
         )
         nodes = [node.to_dict(now) for node in ordered]
+        for entry in nodes:
+            if self._down_says_parent(entry["id"]):
+                entry["status"] = "offline"
         online = sum(1 for node in nodes if node["status"] in _UP)
         newest = max((n.t for n in ordered if n.t is not None), default=None)
         for point in self._accuracy:
@@ -392,6 +403,16 @@ class FederationView:
                 "lag_s": None if newest is None else round(max(0.0, now - newest), 3),
             },
         }
+
+    def _down_says_parent(self, node_id: str) -> bool:
+        """Whether the node's parent says it is down, and nothing from the node itself says
+        otherwise: a worker behind a site broker, whose status (and Last Will) the monitor on
+        the root's broker never hears, is known to be down from its parent's record."""
+        node = self.nodes[node_id]
+        if node.announced is not None or node.parent is None:
+            return False
+        parent = self.nodes.get(node.parent)
+        return parent is not None and node_id in parent.children_down
 
     def _staleness_by_level(self) -> dict[str, dict[str, Any]]:
         """The aggregators' staleness summaries merged per receiving level."""

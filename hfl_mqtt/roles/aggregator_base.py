@@ -263,7 +263,8 @@ class AggregatorBase(ABC):
     def _metrics_now(self) -> NodeNow:
         said = self.uplinks.online_payload if self.uplinks is not None else self.down.online_payload
         parent = self.parent if self.parentage is not None else None
-        return NodeNow(parent, parse_status(said) or "online", self.version or None)
+        down = tuple(sorted(child for child in self.children if child in self._offline))
+        return NodeNow(parent, parse_status(said) or "online", self.version or None, down)
 
     async def _pump(self, link: Channel) -> None:
         while True:
