@@ -3,7 +3,7 @@
 A monitor (``hfl-mqtt monitor``, or anything that subscribes) sees the whole tree from these
 records alone: who a node's parent is, which version it holds, what it accepted and refused
 and why, how stale the updates it took were, how many bytes and messages went each way per
-topic kind, and the process's memory and CPU. The root adds every evaluation. A record is a
+topic kind, and the process's memory and CPU. The root adds its latest evaluations. A record is a
 compact JSON object (docs/monitoring.md lists its fields); empty and zero fields are left out.
 
 ``MetricsPublisher`` builds it from the node's ``NodeReport``, its links' ``LinkStats`` and
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the roles import this module
     from hfl_mqtt.roles.report import NodeReport
 
 __all__ = [
+    "ACCURACY_HISTORY",
     "STALENESS_BUCKETS",
     "MetricsPublisher",
     "NodeNow",
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 log = structlog.get_logger("hfl_mqtt.metrics")
+
+ACCURACY_HISTORY = 100
+"""The root's record carries its last this many evaluations: the whole run's would make the
+record, sent up to once a second, grow without end (a monitor watching keeps them all)."""
 
 STALENESS_BUCKETS = 17
 """``hist[i]``: updates of staleness ``i``; the last bucket counts those of 16 and more."""
@@ -282,15 +287,16 @@ class MetricsPublisher:
             optional["staleness"] = self._staleness.summary()
         record |= {key: value for key, value in optional.items() if value}
         record |= {"pid": usage.pid, "rss": usage.rss, "cpu_s": round(usage.cpu_s, 2)}
-        if report.evaluations:  # the root's: seconds since it started, version, accuracy, loss
+        if report.evaluations:  # the root's latest: seconds, version, accuracy, loss, bytes
             record["accuracy"] = [
                 [
                     round(float(e["seconds"]), 2),
                     e["version"],
                     round(float(e["accuracy"]), 4),
                     round(float(e["loss"]), 4),
+                    e.get("tree_bytes"),
                 ]
-                for e in report.evaluations
+                for e in report.evaluations[-ACCURACY_HISTORY:]
             ]
         return record
 

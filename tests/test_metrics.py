@@ -19,7 +19,13 @@ from hfl_mqtt.config import (
     UpstreamConfig,
 )
 from hfl_mqtt.errors import PublishRefusedError
-from hfl_mqtt.metrics import MetricsPublisher, NodeNow, StalenessTally, process_usage
+from hfl_mqtt.metrics import (
+    ACCURACY_HISTORY,
+    MetricsPublisher,
+    NodeNow,
+    StalenessTally,
+    process_usage,
+)
 from hfl_mqtt.roles.node import run_node
 from hfl_mqtt.roles.report import Arrival, NodeReport
 from hfl_mqtt.roles.uplinks import Uplinks
@@ -188,8 +194,11 @@ async def test_a_worker_record_has_no_staleness_and_the_root_has_its_evaluations
     root = Node("root")
     root.now = NodeNow(None, "online", 7)
     root.report.evaluations = [
-        {"version": 6, "accuracy": 0.81234567, "loss": 0.5, "seconds": 1.23456},
-        {"version": 7, "accuracy": 0.9, "loss": 0.25, "seconds": 2.5},
+        {"version": v, "accuracy": 0.5, "loss": 1.0, "seconds": v / 10, "tree_bytes": v * 100}
+        for v in range(1, 6 + ACCURACY_HISTORY - 2)
+    ] + [
+        {"version": 6, "accuracy": 0.81234567, "loss": 0.5, "seconds": 1.23456, "tree_bytes": 999},
+        {"version": 7, "accuracy": 0.9, "loss": 0.25, "seconds": 2.5, "tree_bytes": 1234},
     ]
     async with MemoryLink(broker, "x") as link:
         worker_record = worker.publisher(link, clock).record()
@@ -197,7 +206,9 @@ async def test_a_worker_record_has_no_staleness_and_the_root_has_its_evaluations
     assert worker_record["trained"] == 5
     assert "staleness" not in worker_record
     assert root_record["parent"] is None
-    assert root_record["accuracy"] == [[1.23, 6, 0.8123, 0.5], [2.5, 7, 0.9, 0.25]]
+    # Its latest evaluations only, each with the bytes the tree had carried.
+    assert len(root_record["accuracy"]) == ACCURACY_HISTORY
+    assert root_record["accuracy"][-2:] == [[1.23, 6, 0.8123, 0.5, 999], [2.5, 7, 0.9, 0.25, 1234]]
 
 
 async def test_publishes_at_most_once_per_interval_and_only_on_a_change() -> None:

@@ -332,3 +332,24 @@ def test_a_worker_its_parent_says_is_down_shows_offline_unless_its_own_status_sp
     up = record("edge-0", 103, role="aggregator", level=1, parent="cloud")
     view.observe(metrics("edge-0"), up, 103)
     assert node_of(view.snapshot(103), "w1")["status"] != "offline"
+
+
+def test_accuracy_points_take_the_trees_bytes_from_the_root_and_keep_what_scrolled_off() -> None:
+    """The root's record carries its latest evaluations with the bytes its tree had carried (a
+    late monitor plots them right); one watching from the start keeps every point."""
+    view = FederationView()
+
+    def root(t: float, evaluations: list[list[Any]]) -> None:
+        payload = record("cloud", t, role="root", level=0, parent=None, uptime_s=t - 1000)
+        view.observe(
+            metrics("cloud"),
+            payload[:-1] + b', "accuracy": %s}' % json.dumps(evaluations).encode(),
+            t,
+        )
+
+    root(1002, [[1.0, 1, 0.5, 1.0, 100], [2.0, 2, 0.6, 0.9, 200]])
+    root(1003, [[2.0, 2, 0.6, 0.9, 200], [3.0, 3, 0.7, 0.8, 300]])  # the first scrolled off
+    points = view.snapshot(1004)["accuracy"]
+    assert [(p["version"], p["bytes"]) for p in points] == [(1, 100), (2, 200), (3, 300)]
+    root(1004, [[0.5, 1, 0.4, 1.2, 50]])  # the root started over: its history again
+    assert [p["version"] for p in view.snapshot(1005)["accuracy"]] == [1]

@@ -62,6 +62,23 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _evaluation(entry: object) -> dict[str, Any] | None:
+    """``[seconds, version, accuracy, loss, tree bytes]`` of the root's record as a point (the
+    last two optional); None if malformed."""
+    if not isinstance(entry, list) or len(entry) < 3:
+        return None
+    seconds, accuracy = _float(entry[0]), _float(entry[2])
+    if seconds is None or accuracy is None:
+        return None
+    return {
+        "t": seconds,
+        "version": _int(entry[1]),
+        "accuracy": accuracy,
+        "loss": _float(entry[3]) if len(entry) > 3 else None,
+        "bytes": _int(entry[4]) if len(entry) > 4 else None,
+    }
+
+
 def _names(value: object) -> tuple[str, ...]:
     """The strings of a list (a malformed one: none)."""
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
@@ -228,8 +245,6 @@ class FederationView:
         self._root_start: float | None = None
         """Wall time the root started (its record's ``t - uptime_s``)."""
         self._accuracy: list[dict[str, Any]] = []
-        self._evaluations: list[Any] = []
-        """The root's last ``accuracy`` list as sent (to convert only what is new)."""
 
     # --- input ----------------------------------------------------------------------------------
 
@@ -344,22 +359,17 @@ class FederationView:
         return True
 
     def _evaluations_seen(self, evaluations: list[Any]) -> None:
-        """Convert the root's evaluations that are new since its last record."""
-        known = len(self._evaluations)
-        if len(evaluations) < known or (known and evaluations[known - 1] != self._evaluations[-1]):
-            known = 0  # another history (the root restarted): start over
-            self._accuracy = []
-        for entry in evaluations[known:]:
-            if not isinstance(entry, list) or len(entry) < 3:
-                continue
-            seconds, version, accuracy = _float(entry[0]), _int(entry[1]), _float(entry[2])
-            loss = _float(entry[3]) if len(entry) > 3 else None
-            if seconds is None or accuracy is None:
-                continue
-            point = {"t": seconds, "version": version, "accuracy": accuracy, "loss": loss}
-            point["bytes"] = self._bytes_at(seconds)
-            self._accuracy.append(point)
-        self._evaluations = evaluations
+        """Take the root's evaluations that are newer than the last one taken (its record
+        carries only its latest: a view watching from the start keeps them all)."""
+        points = [point for point in map(_evaluation, evaluations) if point is not None]
+        last = self._accuracy[-1]["t"] if self._accuracy else None
+        if points and last is not None and points[-1]["t"] < last:
+            self._accuracy, last = [], None  # another history (the root started over)
+        for point in points:
+            if last is None or point["t"] > last:
+                if point["bytes"] is None:  # a record without the tree's bytes
+                    point["bytes"] = self._bytes_at(point["t"])
+                self._accuracy.append(point)
 
     def _bytes_at(self, seconds: float) -> int | None:
         if self._root_start is None:
