@@ -170,6 +170,8 @@ def _simulate(
 ) -> int:
     from hfl_mqtt.sim import Progress, simulate
 
+    if linger < 0 or (linger > 0 and web is None):
+        raise ConfigError(f"--web-linger {linger:g}: want S >= 0 seconds, with --web HOST:PORT")
     if web is not None:
         try:
             from hfl_mqtt.monitor.sim_dashboard import SimDashboard
@@ -348,6 +350,8 @@ def _monitor(args: argparse.Namespace) -> int:
     from hfl_mqtt.monitor.web import parse_web_address, web_server
 
     if args.replay is not None:
+        if args.broker is not None:
+            raise ConfigError("monitor: --replay FILE or --broker HOST:PORT, not both")
         return _replay(args.replay, args.web, args.replay_speed)
     if args.broker is None:
         raise ConfigError("monitor: --broker HOST:PORT (or --replay FILE --web HOST:PORT)")

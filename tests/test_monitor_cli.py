@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -69,6 +70,7 @@ def test_once_prints_the_tree(
         (["--broker", "127.0.0.1:1883", "--password-file", "p"], "password_file needs a username"),
         (["--broker", "127.0.0.1:1883", "--cert", "c.pem"], "cert_file and key_file go together"),
         (["--broker", "127.0.0.1:1883", "--federation", "a/#"], "--federation 'a/#'"),
+        (["--broker", "127.0.0.1:1883", "--replay", "x.jsonl"], "--replay FILE or --broker"),
     ],
 )
 def test_bad_options_are_named(
@@ -134,3 +136,44 @@ def test_prometheus_scraped_while_the_monitor_runs(
         found = scrape(url)
     assert found["hfl_node_model_version"] == 10
     assert monitor.poll() is None
+
+
+def test_once_on_a_broker_without_the_federation_says_so(
+    start_broker: StartBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = start_broker(BrokerConfig())
+    asyncio.run(publish(broker.host, broker.port))
+    address = f"{broker.host}:{broker.port}"
+    assert main(["monitor", "--broker", address, "--federation", "nosuch", "--once"]) == 1
+    err = capsys.readouterr().err
+    assert f"no status or metrics record of federation 'nosuch' on {address}" in err
+    assert "broker(s) on ports" in err  # where a simulation's broker is
+
+
+def test_prometheus_on_a_port_in_use_is_a_clear_error(
+    start_broker: StartBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = start_broker(BrokerConfig())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        address = f"{broker.host}:{broker.port}"
+        args = [
+            "monitor",
+            "--broker",
+            address,
+            "--no-terminal",
+            "--prometheus",
+            f"127.0.0.1:{port}",
+        ]
+        assert main(args) == 2
+    assert "address already in use" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("linger", ["5", "-1"])
+def test_web_linger_needs_web_and_a_positive_time(
+    linger: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--web-linger", linger]) == 2
+    assert "--web-linger" in capsys.readouterr().err

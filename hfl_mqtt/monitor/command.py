@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -39,12 +40,12 @@ Server = Callable[[FederationView, MonitorSource], AbstractAsyncContextManager[o
 
 
 def parse_host_port(value: str, option: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9100`` for IPv6) as (host, port); ``ConfigError`` naming
+    """``HOST:PORT`` (``[::1]:1883`` for IPv6) as (host, port); ``ConfigError`` naming
     ``option`` otherwise. Port 0 takes any free port."""
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{option} {value!r}: want HOST:PORT, e.g. 127.0.0.1:9100")
+        raise ConfigError(f"{option} {value!r}: want HOST:PORT, e.g. 127.0.0.1:1883")
     return host, int(port)
 
 
@@ -83,7 +84,8 @@ async def run_monitor(
 ) -> FederationView:
     """Run until ``stop`` is set or cancelled (with ``once``: about ``once_after_s`` seconds);
     returns the view. A broker that refuses us raises ``AuthenticationError`` at once."""
-    console = console or Console()
+    # Into a file or a pipe, rich would wrap at 80 columns, mid-value: a wide line instead.
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     view = FederationView(options.federation)
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:
@@ -160,9 +162,17 @@ def _first_error(exc: ValueError) -> str:
 
 
 def run_command(options: MonitorOptions, *, console: Console | None = None) -> int:
-    """Run the monitor until Ctrl-C (or once); 0."""
+    """Run the monitor until Ctrl-C (or once); 0, or 1 if ``once`` found no node at all."""
     try:
-        asyncio.run(run_monitor(options, console=console))
+        view = asyncio.run(run_monitor(options, console=console))
     except KeyboardInterrupt:
         return 0
+    if options.once and not view.nodes:
+        which = f"federation {options.federation!r}" if options.federation else "any federation"
+        broker = f"{options.broker.host}:{options.broker.port}"
+        (console or Console(stderr=True)).print(
+            f"hfl-mqtt: no status or metrics record of {which} on {broker}. A simulation runs "
+            "its own broker: it prints its port ('... broker(s) on ports N')."
+        )
+        return 1
     return 0

@@ -39,6 +39,7 @@ from it in a thread, so a large tree's scrape does not stall the loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -49,6 +50,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hfl_mqtt.errors import ConfigError
 from hfl_mqtt.monitor.view import FederationView
 
 __all__ = ["SnapshotCollector", "exposition", "prometheus_app", "serving"]
@@ -218,7 +220,14 @@ async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[i
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ConfigError(
+                f"cannot serve Prometheus metrics on {host}:{port}: {reason} "
+                "(choose another HOST:PORT)"
+            ) from None
         addresses = runner.addresses
         yield int(addresses[0][1]) if addresses else port
     finally:
