@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from hfl_mqtt.brokers import MosquittoBroker
 from hfl_mqtt.config import BrokerAddress
@@ -337,3 +338,18 @@ async def test_the_sims_dashboard_process_on_a_port_in_use_fails_at_once() -> No
         with pytest.raises(ConfigError, match="address already in use"):
             async with SimDashboard("127.0.0.1", port):
                 pass
+
+
+def test_replaying_a_file_that_is_no_metrics_jsonl_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hfl_mqtt.cli import main
+
+    path = tmp_path / "notes.txt"
+    path.write_text("".join(f"line {n} of prose\n" for n in range(5000)))
+    with capture_logs() as logs:
+        assert main(["monitor", "--replay", str(path), "--web", "127.0.0.1:0"]) == 2
+    assert "no node records" in capsys.readouterr().err
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert len(warnings) == 2  # the first unreadable line, then how many: not 5,000 lines
+    assert warnings[-1]["lines"] == 5000

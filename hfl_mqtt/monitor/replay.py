@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from hfl_mqtt.errors import ConfigError
 from hfl_mqtt.monitor.view import FederationView
 
 __all__ = ["NodeLine", "Replay", "node_lines", "serve_replay"]
@@ -41,14 +42,17 @@ class NodeLine:
 def node_lines(path: Path) -> Iterator[NodeLine]:
     """The "node" lines of a metrics.jsonl, in order; evaluations and bad lines are skipped
     (a line cut short by a killed run is only logged)."""
-    with path.open() as lines:
+    unreadable = 0
+    with path.open(errors="replace") as lines:
         for number, text in enumerate(lines, 1):
             if not text.strip():
                 continue
             try:
                 line = json.loads(text)
             except ValueError:
-                log.warning("unreadable line skipped", file=str(path), line=number)
+                unreadable += 1
+                if unreadable == 1:  # once: a file that is no metrics.jsonl has thousands
+                    log.warning("unreadable line skipped", file=str(path), line=number)
                 continue
             if not isinstance(line, dict) or line.get("event") != "node":
                 continue
@@ -58,6 +62,8 @@ def node_lines(path: Path) -> Iterator[NodeLine]:
                 continue
             payload = json.dumps(line.get("payload"), separators=(",", ":")).encode()
             yield NodeLine(float(t), topic, payload)
+    if unreadable > 1:
+        log.warning("unreadable lines skipped", file=str(path), lines=unreadable)
 
 
 class Replay:
@@ -141,7 +147,10 @@ async def serve_replay(
     replay = Replay(path, view, speed=speed or 1.0, on_change=dashboard.changed)
     dashboard.clock = replay.clock
     if not replay.lines:
-        log.warning("no node lines to replay", file=str(path))
+        raise ConfigError(
+            f"--replay {path}: no node records in it (a metrics.jsonl written by hfl-mqtt sim "
+            "holds them)"
+        )
     if speed is None:
         replay.load()
     async with dashboard:
