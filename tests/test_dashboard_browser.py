@@ -2,7 +2,9 @@
 selenium through the system chromedriver (nothing is downloaded: SE_OFFLINE, explicit paths).
 
 ``hfl-mqtt sim --web`` runs a small federation on Mosquitto; once the run has written its summary
-(the dashboard lingers), the page must show every node of the tree and the run's final accuracy.
+(the dashboard lingers), the page must show every node of the tree and the run's final accuracy,
+select a node clicked on its circle or its label, and list ids in natural order; the same run
+replayed (``hfl-mqtt monitor --replay``) must say "replay", not "live".
 A screenshot is kept in ``$HFL_MQTT_TEST_ARTIFACTS`` (default ``out/test-artifacts/``).
 """
 
@@ -107,15 +109,11 @@ def test_the_dashboard_of_a_simulation_shows_the_tree_and_its_accuracy(
     assert address is not None
     browser.get(address)
 
-    def shown_nodes() -> set[str]:
-        found = browser.find_elements("css selector", "#tree [data-node]")
-        return {element.get_attribute("data-node") for element in found}
-
     def accuracy() -> str:
         value: str = browser.find_element("id", "accuracy-value").get_attribute("data-value")
         return value
 
-    wait_for("every node", lambda: shown_nodes() == nodes)
+    wait_for("every node", lambda: shown_nodes(browser) == nodes)
     # The root's metrics record carries its accuracy to 4 decimals.
     wait_for(
         "the final accuracy", lambda: accuracy() != "" and abs(float(accuracy()) - final) < 5e-5
@@ -129,10 +127,66 @@ def test_the_dashboard_of_a_simulation_shows_the_tree_and_its_accuracy(
         for e in browser.find_elements("css selector", "#tree g.node")
     }
     assert statuses <= {"online", "idle", "offline"}
-    browser.find_element("css selector", '#tree [data-node="edge-0"]').click()
-    wait_for("the node panel", lambda: "edge-0" in browser.find_element("id", "node-panel").text)
+    assert browser.find_element("id", "connection").text == "live"
+    clicks_select_nodes_and_ids_sort_naturally(browser, nodes)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
     shot = artifacts() / "dashboard.png"
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+    replay_says_it_is_one(browser, spawn, out / "metrics.jsonl", tmp_path / "replay.log", nodes)
+
+
+def shown_nodes(browser: Any) -> set[str]:
+    found = browser.find_elements("css selector", "#tree [data-node]")
+    return {element.get_attribute("data-node") for element in found}
+
+
+def clicks_select_nodes_and_ids_sort_naturally(browser: Any, nodes: set[str]) -> None:
+    def panel_shows(node: str) -> Callable[[], bool]:
+        return lambda: browser.find_element("css selector", "#node-panel h3").text.startswith(node)
+
+    # A node's label is part of it: a click on the label selects the node (it once fell through
+    # to the link under it: "element click intercepted ... path class=edge").
+    browser.find_element("css selector", '#tree [data-node="edge-0"] text').click()
+    wait_for("edge-0's panel", panel_shows("edge-0"))
+    for worker in sorted(n for n in nodes if n.startswith("worker"))[:2]:
+        browser.find_element("css selector", f'#tree [data-node="{worker}"]').click()
+        wait_for(f"{worker}'s panel", panel_shows(worker))
+    rows = [
+        row.get_attribute("data-node-row")
+        for row in browser.find_elements("css selector", "#node-list tr")
+    ]
+    assert rows[:3] == ["cloud", "edge-0", "edge-1"]
+    numbers = [int(row.rsplit("-", 1)[1]) for row in rows if row.startswith("worker-")]
+    assert numbers == sorted(numbers)  # natural order: worker-8 before worker-10
+
+
+def replay_says_it_is_one(
+    browser: Any,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+    metrics: Path,
+    log: Path,
+    nodes: set[str],
+) -> None:
+    """The same run replayed: the page says "replay", not "live", and no age is one from now."""
+    command = [sys.executable, "-m", "hfl_mqtt.cli", "monitor", "--replay", str(metrics)]
+    spawn(
+        [*command, "--web", "127.0.0.1:0"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+    def url() -> str | None:
+        found = re.search(rb"(http://\S+)", log.read_bytes())
+        return found.group(1).decode() if found else None
+
+    wait_for("the replay's address", lambda: url() is not None)
+    browser.get(url())
+    wait_for("every node replayed", lambda: shown_nodes(browser) == nodes)
+    connection = browser.find_element("id", "connection")
+    wait_for("the replay badge", lambda: connection.text == "replay")
+    assert connection.get_attribute("data-state") == "replay"
+    assert " ago" not in browser.find_element("id", "node-panel").text
+    assert "replay" in browser.find_element("id", "updated").text

@@ -26,7 +26,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Literal, Protocol, Self
 
 import structlog
 from aiohttp import web
@@ -36,6 +36,9 @@ from hfl_mqtt.errors import ConfigError
 __all__ = ["Dashboard", "SnapshotSource", "parse_web_address", "static_dir", "web_server"]
 
 log = structlog.get_logger("hfl_mqtt.monitor")
+
+Mode = Literal["live", "replay"]
+"""What the page is told it shows: the federation now, or a finished run replayed."""
 
 _NO_CACHE = {"Cache-Control": "no-store"}
 _END = b""
@@ -106,7 +109,8 @@ class Dashboard:
 
     Call ``changed()`` after the view took something new (``observe`` returned True): the
     clients get a snapshot within ``interval`` seconds. ``clock`` is the time the view is asked
-    at: the wall clock, or a replay's.
+    at: the wall clock, or a replay's. ``mode`` ("live" or "replay", in every snapshot sent, for
+    the page to say so) defaults to "live" on the wall clock and "replay" on any other.
     """
 
     def __init__(
@@ -118,12 +122,14 @@ class Dashboard:
         interval: float = 0.5,
         keepalive: float = 15.0,
         clock: Callable[[], float] = time.time,
+        mode: Mode | None = None,
     ) -> None:
         self.view = view
         self.host, self.port = host, port
         self.interval = interval
         self.keepalive = keepalive
         self.clock = clock
+        self._mode = mode
         self.sent = 0
         """Snapshots pushed so far (one per tick, whatever the number of clients)."""
         self._changed = asyncio.Event()
@@ -147,8 +153,17 @@ class Dashboard:
         ``interval`` seconds)."""
         self._changed.set()
 
+    @property
+    def mode(self) -> Mode:
+        """As given, else "live" on the wall clock and "replay" on any other (``serve_replay``
+        sets its replay's clock after building the dashboard)."""
+        if self._mode is not None:
+            return self._mode
+        return "live" if self.clock is time.time else "replay"
+
     def state(self) -> dict[str, Any]:
-        return self.view.snapshot(self.clock())
+        """The view's snapshot, with the dashboard's ``mode`` (ages in a replay are the run's)."""
+        return {**self.view.snapshot(self.clock()), "mode": self.mode}
 
     def _app(self) -> web.Application:
         app = web.Application()

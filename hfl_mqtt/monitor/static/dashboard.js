@@ -7,7 +7,15 @@ const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 const ui = {
   selected: null, state: null, treeKey: "", chartKey: "", filter: "", shapes: new Map(), clusters: new Map(),
+  hover: null, treeSize: [0, 0], mode: "live",
 };
+
+// Ids in natural order: worker-8 before worker-10.
+const collator = new Intl.Collator("en", { numeric: true });
+function natural(a, b) { return collator.compare(a, b) || (a < b ? -1 : a > b ? 1 : 0); }
+function byLevelThenId(a, b) {
+  return (a.level ?? Infinity) - (b.level ?? Infinity) || natural(a.id, b.id);
+}
 
 function el(name, attrs, parent) {
   const node = document.createElementNS(SVG, name);
@@ -35,13 +43,28 @@ function seconds(value) {
 
 function clock(wall) { return new Date(wall * 1000).toLocaleTimeString([], { hour12: false }); }
 
-// --- the tree ----------------------------------------------------------------------------------
+function age(value, state) {
+  // In a replay, an age is the run's (to the replayed moment), not one from now.
+  if (value === null || value === undefined) return "–";
+  if (state.mode !== "replay") return `${seconds(value)} ago`;
+  return `${seconds(value)} before the replayed moment (${clock(state.t - value)})`;
+}
 
-function layout(nodes) {
-  // A tidy tree: leaves on consecutive slots, a parent centred over its children, one row per
-  // depth. Nodes whose parent is unknown start their own trees, side by side. A large tree
-  // (dense) packs each parent's leaves in a square grid under it (1,000 workers in a row
-  // would be specks).
+// --- the tree ----------------------------------------------------------------------------------
+//
+// The layout is computed in the SVG's own pixels (its viewBox is its size on the page), so the
+// tree fills its card and text keeps its CSS size whatever the number of nodes. Leaves sit on
+// slots, a parent centred over its children, one row per depth; when the leaves would be closer
+// than MIN_GAP px, each parent's leaves are packed in a grid under it, as many columns as give
+// the largest cells. A row's labels are shown in full if they fit, else shortened (the ids'
+// common prefix cut off: worker-12 as 12), else hidden; hovering a node shows its full id.
+
+const MIN_GAP = 18;       // px between neighbouring leaves before they are packed in grids
+const GROUP_GAP = 0.6;    // extra slot between the leaves of two parents
+const MIN_ROW = 64, MAX_ROW = 170, MAX_SLOT = 150;  // px
+const PAD = { l: 20, r: 20, t: 30, b: 30 };
+
+function treeShape(nodes) {
   const byId = new Map(nodes.map((n) => [n.id, n]));
   const children = new Map(nodes.map((n) => [n.id, []]));
   const roots = [];
@@ -49,48 +72,130 @@ function layout(nodes) {
     if (n.parent && byId.has(n.parent) && n.parent !== n.id) children.get(n.parent).push(n.id);
     else roots.push(n.id);
   }
-  const pos = new Map();
-  const dense = nodes.filter((n) => !children.get(n.id).length).length > 48;
-  let slot = 0, depthMax = 0, subMax = 0;
-  const seen = new Set();
-  function place(id, depth) {
+  for (const kids of children.values()) kids.sort(natural);
+  roots.sort((a, b) => (byId.get(a).level ?? 99) - (byId.get(b).level ?? 99) || natural(a, b));
+  return { children, roots };
+}
+
+function place(shape, nodes, cols) {
+  // Slots for every node; ``cols`` (or null: one row) is the width of a grid of leaves: a parent
+  // of more than 4 children, all leaves, puts them in one. Nodes whose parent is unknown start
+  // their own trees, side by side; a cycle of parents is still shown.
+  const { children, roots } = shape;
+  const pos = new Map(), seen = new Set();
+  let slot = 0, last, depthMax = 0, subMax = 0;
+  const advance = (parent) => { if (last !== undefined && last !== parent) slot += GROUP_GAP; last = parent; };
+  function visit(id, depth, parent) {
     seen.add(id);
     depthMax = Math.max(depthMax, depth);
     const kids = children.get(id).filter((k) => !seen.has(k));
-    if (!kids.length) { pos.set(id, { x: slot, depth, sub: 0 }); slot += 1; return; }
-    if (dense && kids.length > 4 && kids.every((k) => !children.get(k).length)) {
-      const cols = Math.ceil(Math.sqrt(kids.length));
+    if (!kids.length) { advance(parent); pos.set(id, { x: slot, depth, sub: 0 }); slot += 1; return; }
+    if (cols && kids.length > 4 && kids.every((k) => !children.get(k).length)) {
+      const c = Math.min(cols, kids.length);
+      advance(id);
       kids.forEach((k, i) => {
         seen.add(k);
-        pos.set(k, { x: slot + (i % cols), depth: depth + 1, sub: Math.floor(i / cols), packed: true });
+        pos.set(k, { x: slot + (i % c), depth: depth + 1, sub: Math.floor(i / c), packed: true });
       });
-      subMax = Math.max(subMax, Math.ceil(kids.length / cols) - 1);
+      subMax = Math.max(subMax, Math.ceil(kids.length / c) - 1);
       depthMax = Math.max(depthMax, depth + 1);
-      pos.set(id, { x: slot + (cols - 1) / 2, depth, sub: 0 });
-      slot += cols + 1;
+      pos.set(id, { x: slot + (c - 1) / 2, depth, sub: 0 });
+      slot += c;
       return;
     }
-    const xs = kids.map((k) => { place(k, depth + 1); return pos.get(k).x; });
-    pos.set(id, { x: (Math.min(...xs) + Math.max(...xs)) / 2, depth, sub: 0 });
+    let lo = Infinity, hi = -Infinity;
+    for (const k of kids) { visit(k, depth + 1, id); const x = pos.get(k).x; lo = Math.min(lo, x); hi = Math.max(hi, x); }
+    pos.set(id, { x: (lo + hi) / 2, depth, sub: 0 });
   }
-  roots.sort((a, b) => (byId.get(a).level ?? 99) - (byId.get(b).level ?? 99) || a.localeCompare(b));
-  for (const r of roots) place(r, 0);
-  for (const n of nodes) if (!pos.has(n.id)) place(n.id, 0); // a cycle of parents: still shown
-  return { pos, slots: Math.max(slot, 1), depths: depthMax + 1, dense, subMax };
+  for (const r of roots) visit(r, 0, null);
+  for (const n of nodes) if (!pos.has(n.id)) visit(n.id, 0, null);
+  return { pos, span: Math.max(slot - 1, 0), depths: depthMax + 1, subMax };
 }
 
-function radius(node, dense) {
-  if (node.role === "root" || node.level === 0) return dense ? 14 : 18;
-  if (node.role === "aggregator") return dense ? 10 : 13;
-  return dense ? 4 : 8;
+function layout(nodes, W, H) {
+  const shape = treeShape(nodes);
+  const aw = Math.max(W - PAD.l - PAD.r, 40), ah = Math.max(H - PAD.t - PAD.b, 40);
+  let p = place(shape, nodes, null);
+  let gx = aw / Math.max(p.span, 1), gy = 0;
+  if (gx < MIN_GAP) {
+    const widest = Math.max(...[...shape.children.values()].map((k) => k.length));
+    let best = -1;
+    for (let c = 1; c <= widest; c += 1) {
+      const q = place(shape, nodes, c);
+      const sx = aw / Math.max(q.span, 1);
+      const sy = q.subMax ? (ah - (q.depths - 1) * MIN_ROW) / q.subMax : sx;
+      if (Math.min(sx, sy) > best) { best = Math.min(sx, sy); p = q; gx = sx; gy = Math.min(sx, sy); }
+    }
+  }
+  gx = Math.min(gx, MAX_SLOT);
+  const rowGap = p.depths > 1 ? Math.min(MAX_ROW, (ah - p.subMax * gy) / (p.depths - 1)) : 0;
+  const x0 = PAD.l + (aw - p.span * gx) / 2;
+  const y0 = PAD.t + Math.max(0, (ah - (p.depths - 1) * rowGap - p.subMax * gy) / 2);
+  const xy = (id) => {
+    const q = p.pos.get(id);
+    return [x0 + q.x * gx, y0 + q.depth * rowGap + q.sub * gy];
+  };
+  return { pos: p.pos, xy, gx, gy, rowGap };
+}
+
+function textWidth(value, size) { return value.length * size * 0.6; }
+
+function commonPrefix(ids) {
+  // The ids' common prefix, cut back to end on a non-digit (worker-1, worker-12: "worker-").
+  let prefix = ids[0] || "";
+  for (const id of ids) while (!id.startsWith(prefix)) prefix = prefix.slice(0, -1);
+  while (prefix && /\d/.test(prefix[prefix.length - 1])) prefix = prefix.slice(0, -1);
+  return prefix;
+}
+
+function rows(nodes, pos, xy) {
+  // For each depth's row of unpacked nodes: the closest two neighbours (px) and how its labels
+  // are shown ("full", "short" or "none") with the prefix a short label drops.
+  const byDepth = new Map();
+  for (const n of nodes) {
+    const q = pos.get(n.id);
+    if (q.packed) continue;
+    if (!byDepth.has(q.depth)) byDepth.set(q.depth, []);
+    byDepth.get(q.depth).push(n);
+  }
+  const out = new Map();
+  for (const [depth, row] of byDepth) {
+    const xs = row.map((n) => xy(n.id)[0]).sort((a, b) => a - b);
+    let spacing = Infinity;
+    for (let i = 1; i < xs.length; i += 1) spacing = Math.min(spacing, xs[i] - xs[i - 1]);
+    const size = row.every((n) => n.role === "worker") ? 11 : 12;
+    const ids = row.map((n) => n.id);
+    const prefix = commonPrefix(ids);
+    const widest = (list) => Math.max(...list.map((v) => textWidth(v, size)));
+    let mode = "none";
+    if (widest(ids) + 6 <= spacing) mode = "full";
+    else if (prefix && widest(ids.map((id) => id.slice(prefix.length) || id)) + 4 <= spacing) mode = "short";
+    out.set(depth, { spacing, mode, prefix, size });
+  }
+  return out;
+}
+
+function radius(node, room) {
+  const base = node.role === "root" || node.level === 0 ? 16 : node.role === "aggregator" ? 12 : 7;
+  return Math.max(2.5, Math.min(base, room * 0.36));
+}
+
+function treeHeight(nodes) {
+  // Taller for many workers: their grids get cells a mouse can hit.
+  const n = nodes.length;
+  return n > 400 ? 720 : n > 150 ? 600 : 480;
 }
 
 function drawTree(state) {
   const svg = $("tree");
   const nodes = state.nodes;
-  const key = nodes.map((n) => `${n.id}<${n.parent}:${n.role}`).join("|");
+  const height = `${treeHeight(nodes)}px`;
+  if (svg.style.height !== height) svg.style.height = height;
+  const box = svg.getBoundingClientRect();
+  const W = Math.round(box.width) || 900, H = Math.round(box.height) || 480;
+  const key = `${W}x${H}|` + nodes.map((n) => `${n.id}<${n.parent}:${n.role}`).join("|");
   if (key !== ui.treeKey) {
-    buildTree(svg, nodes);
+    buildTree(svg, nodes, W, H);
     ui.treeKey = key;
   }
   const rateOf = (n) => (n.rate_out || 0) + (n.rate_in || 0);
@@ -130,26 +235,23 @@ function drawTree(state) {
   }
 }
 
-function buildTree(svg, nodes) {
+function buildTree(svg, nodes, W, H) {
   svg.replaceChildren();
   ui.shapes = new Map();
   ui.clusters = new Map();
-  const { pos, slots, depths, dense, subMax } = layout(nodes);
-  const gap = dense ? 14 : 64, rowGap = dense ? 90 : 120, pad = 40;
-  const width = Math.max(720, slots * gap + 2 * pad);
-  const height = Math.max(260, (depths - 1) * rowGap + subMax * gap + 2 * pad + 20);
-  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
-  const offset = (width - (slots - 1) * gap) / 2;
-  const xy = (id) => { const p = pos.get(id); return [offset + p.x * gap, pad + p.depth * rowGap + p.sub * gap]; };
-  const edges = el("g", {}, svg), groups = el("g", {}, svg);
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  const { pos, xy, gx, gy, rowGap } = layout(nodes, W, H);
+  const labels = rows(nodes, pos, xy);
+  // Links first, nodes over them, the hover label over everything: a click on a node (its
+  // circle, its label, or the transparent box around them) never lands on a link.
+  const edges = el("g", { class: "edges" }, svg), groups = el("g", { class: "nodes" }, svg);
+  const cell = Math.min(gx, gy || gx);
   for (const n of nodes) {
     if (!n.parent || !pos.has(n.parent) || pos.get(n.id).depth === 0) continue;
     const [x1, y1] = xy(n.parent);
     if (pos.get(n.id).packed) {
-      if (!ui.clusters.has(n.parent)) {  // one edge into the grid of the parent's leaves
-        const y2 = y1 + rowGap - gap;
-        const d = `M${x1},${y1} L${x1},${y2}`;
+      if (!ui.clusters.has(n.parent)) {  // one link into the grid of the parent's leaves
+        const d = `M${x1},${y1} L${x1},${xy(n.id)[1] - 0.6 * cell}`;
         const edge = el("path", { class: "edge", "data-cluster": n.parent, d }, edges);
         el("title", {}, edge);
         ui.clusters.set(n.parent, { edge, flow: el("path", { class: "flow", d }, edges) });
@@ -163,20 +265,63 @@ function buildTree(svg, nodes) {
     el("title", {}, edge);
     ui.shapes.set(n.id, { edge, flow: el("path", { class: "flow", "data-child": n.id, d }, edges) });
   }
+  const built = [];
   for (const n of nodes) {
     const [x, y] = xy(n.id);
-    const packed = Boolean(pos.get(n.id).packed);
-    const r = packed ? 5.5 : radius(n, dense);
-    const g = el("g", { class: "node", "data-node": n.id, id: `node-${n.id}`, transform: `translate(${x},${y})` }, groups);
+    const q = pos.get(n.id);
+    const row = q.packed ? null : labels.get(q.depth);
+    const room = q.packed ? cell : Math.min(row.spacing, rowGap || Infinity);
+    const r = radius(n, room);
+    const mode = row ? row.mode : "none";
+    const g = el("g", {
+      class: "node", "data-node": n.id, "data-label": mode, id: `node-${n.id}`,
+      transform: `translate(${x.toFixed(1)},${y.toFixed(1)})`,
+    }, groups);
     el("title", {}, g);
-    el("circle", { class: "ring", r: r + 4 }, g);
+    el("circle", { class: "ring", r: r + 3.5 }, g);
     el("circle", { class: "body", r }, g);
-    const showLabel = !dense || n.role !== "worker";
-    if (showLabel) el("text", { y: r + 14 }, g).textContent = n.id;
-    if (n.role !== "worker" && n.level !== null) el("text", { class: "badge", x: r + 6, y: 4, "text-anchor": "start" }, g);
-    g.addEventListener("click", () => select(n.id));
-    ui.shapes.set(n.id, { ...(ui.shapes.get(n.id) || {}), group: g, packed });
+    if (mode !== "none") {
+      const label = mode === "full" ? n.id : n.id.slice(row.prefix.length) || n.id;
+      el("text", { class: "label", y: r + row.size + 2, style: `font-size:${row.size}px` }, g).textContent = label;
+    }
+    if (n.role !== "worker" && n.level !== null && !q.packed && row.spacing > 2 * r + 40) {
+      el("text", { class: "badge", x: r + 5, y: 4 }, g);
+    }
+    built.push([g, q.packed ? Math.max(r + 2, cell / 2 - 0.5) : r + 4]);
+    ui.shapes.set(n.id, { ...(ui.shapes.get(n.id) || {}), group: g, packed: Boolean(q.packed) });
   }
+  // Each node's hit box: its circle and label, measured once all are laid out (one layout pass).
+  const boxes = built.map(([g, half]) => {
+    const b = g.getBBox();
+    const x1 = Math.min(b.x, -half), y1 = Math.min(b.y, -half);
+    return [g, x1, y1, Math.max(b.x + b.width, half) - x1, Math.max(b.y + b.height, half) - y1];
+  });
+  for (const [g, x, y, w, h] of boxes) {
+    g.insertBefore(el("rect", { class: "hit", x, y, width: w, height: h }), g.firstChild);
+  }
+  const hover = el("g", { class: "hover-label", visibility: "hidden" }, svg);
+  el("rect", { rx: 4, height: 18 }, hover);
+  el("text", { y: 13 }, hover);
+  ui.hover = hover;
+  ui.treeSize = [W, H];
+}
+
+function showHover(group) {
+  const hover = ui.hover;
+  if (!hover) return;
+  if (!group || group.dataset.label === "full") { hover.setAttribute("visibility", "hidden"); return; }
+  const [W] = ui.treeSize;
+  const label = hover.querySelector("text"), box = hover.querySelector("rect");
+  label.textContent = group.dataset.node;
+  const w = textWidth(group.dataset.node, 12) + 12;
+  const m = /translate\(([-\d.]+),([-\d.]+)\)/.exec(group.getAttribute("transform"));
+  const x = Math.max(2, Math.min(W - w - 2, Number(m[1]) - w / 2));
+  const r = Number(group.querySelector("circle.body").getAttribute("r"));
+  const y = Math.max(2, Number(m[2]) - r - 24);
+  box.setAttribute("width", w);
+  label.setAttribute("x", w / 2);
+  hover.setAttribute("transform", `translate(${x.toFixed(1)},${y.toFixed(1)})`);
+  hover.setAttribute("visibility", "visible");
 }
 
 // --- charts ------------------------------------------------------------------------------------
@@ -301,7 +446,7 @@ function drawNodePanel(state) {
   pill.className = `pill ${node.status}`; pill.textContent = node.status;
   h.append(node.id, pill);
   panel.appendChild(h);
-  const kids = state.nodes.filter((n) => n.parent === node.id).map((n) => n.id);
+  const kids = state.nodes.filter((n) => n.parent === node.id).map((n) => n.id).sort(natural);
   const rejected = Object.entries(node.rejected || {}).map(([k, v]) => `${k} ${v}`).join(", ");
   const st = node.staleness;
   panel.appendChild(facts([
@@ -317,7 +462,7 @@ function drawNodePanel(state) {
     ["reconnects", text(node.reconnects)],
     ["memory / cpu", `${bytes(node.rss)} / ${node.cpu_s === null || node.cpu_s === undefined ? "–" : seconds(node.cpu_s)}`],
     ["uptime", seconds(node.uptime_s)],
-    ["last record", node.age_s === null ? "–" : `${seconds(node.age_s)} ago`],
+    ["last record", age(node.age_s, state)],
     ["last error", text(node.last_error), node.last_error ? "error-text" : ""],
   ]));
   const kinds = Object.entries(node.traffic || {});
@@ -340,7 +485,7 @@ function drawNodeList(state) {
   const body = $("node-list");
   const rows = new Map([...body.rows].map((r) => [r.dataset.nodeRow, r]));
   const filter = ui.filter.toLowerCase();
-  state.nodes.forEach((n, index) => {
+  [...state.nodes].sort(byLevelThenId).forEach((n, index) => {
     let row = rows.get(n.id);
     if (!row) {
       row = document.createElement("tr");
@@ -352,7 +497,7 @@ function drawNodeList(state) {
     if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
     const rejected = Object.values(n.rejected || {}).reduce((a, b) => a + b, 0);
     const cells = [n.id, text(n.role), text(n.level), text(n.parent), n.status, text(n.version), text(n.round),
-      n.accepted, rejected, bytes(n.rate_out), bytes(n.rate_in), bytes(n.bytes_out), n.age_s === null ? "–" : seconds(n.age_s)];
+      n.accepted, rejected, bytes(n.rate_out), bytes(n.rate_in), bytes(n.bytes_out), n.age_s === null || n.age_s === undefined ? "–" : seconds(n.age_s)];
     cells.forEach((value, i) => { if (row.cells[i].textContent !== String(value)) row.cells[i].textContent = value; });
     row.cells[4].className = `status-cell ${n.status}`;
     row.classList.toggle("selected", n.id === ui.selected);
@@ -403,13 +548,21 @@ function drawHeader(state) {
   const down = state.nodes.filter((n) => n.status === "offline").length;
   $("nodes-hint").textContent = down ? `${down} offline` : "none offline";
   $("bytes-value").textContent = bytes(t.bytes_out);
-  $("rate-hint").textContent = `${bytes(t.rate_out)}/s now`;
+  $("rate-hint").textContent = `${bytes(t.rate_out)}/s ${ui.mode === "replay" ? "then" : "now"}`;
   $("acc-count").textContent = acc.length ? `${acc.length} evaluations` : "";
-  $("updated").textContent = `state at ${clock(state.t)}`;
+  $("updated").textContent = ui.mode === "replay"
+    ? `replay of a finished run · state as at ${new Date(state.t * 1000).toLocaleString([], { hour12: false })}`
+    : `state at ${clock(state.t)}`;
+  const ageHead = $("age-head");
+  ageHead.textContent = ui.mode === "replay" ? "age (run)" : "age";
+  ageHead.title = ui.mode === "replay"
+    ? "time from the node's last record to the replayed moment of the run"
+    : "time since the node's last record";
 }
 
 function render(state) {
   ui.state = state;
+  ui.mode = state.mode === "replay" ? "replay" : "live";
   if (ui.selected === null && state.nodes.length) ui.selected = state.nodes[0].id;
   drawHeader(state);
   drawTree(state);
@@ -441,19 +594,37 @@ function connection(stateName, label) {
   $("connection-text").textContent = label;
 }
 
-async function start() {
+function connected() {
+  // A replay is a finished run shown again: not "live", whatever the stream's state.
+  if (ui.mode === "replay") connection("replay", "replay");
+  else connection("live", "live");
+}
+
+function start() {
   $("filter").addEventListener("input", (e) => { ui.filter = e.target.value; if (ui.state) drawNodeList(ui.state); });
   window.addEventListener("resize", () => { if (ui.state) render(ui.state); });
+  const tree = $("tree");
+  tree.addEventListener("click", (e) => {
+    const node = e.target.closest?.("g.node");
+    if (node) select(node.dataset.node);
+  });
+  tree.addEventListener("pointerover", (e) => showHover(e.target.closest?.("g.node")));
+  tree.addEventListener("pointerleave", () => showHover(null));
+  new ResizeObserver(() => { if (ui.state) drawTree(ui.state); }).observe(tree);
+  follow();
+}
+
+async function follow() {
   try {
     const response = await fetch("/api/state", { cache: "no-store" });
-    if (response.ok) render(await response.json());
+    if (response.ok) { render(await response.json()); connected(); }
     window.firstRender = performance.now();
   } catch (err) {
     connection("lost", "server unreachable");
   }
   const events = new EventSource("/api/events");
-  events.addEventListener("snapshot", (e) => { connection("live", "live"); render(JSON.parse(e.data)); });
-  events.addEventListener("open", () => connection("live", "live"));
+  events.addEventListener("snapshot", (e) => { render(JSON.parse(e.data)); connected(); });
+  events.addEventListener("open", connected);
   events.addEventListener("error", () => connection(events.readyState === EventSource.CLOSED ? "ended" : "lost",
     events.readyState === EventSource.CLOSED ? "stream ended" : "reconnecting…"));
 }
