@@ -59,7 +59,7 @@ from hfl_mqtt.roles.node import mqtt_link_factory
 from hfl_mqtt.sim import read_evaluations, simulate
 from hfl_mqtt.tasks.base import Task, TaskConfig
 from hfl_mqtt.tasks.builtin import make_task
-from hfl_mqtt.topics import ctl_topic, model_topic, status_topic, up_topic
+from hfl_mqtt.topics import ctl_topic, metrics_topic, model_topic, status_topic, up_topic
 from hfl_mqtt.transport.base import LinkBase
 from hfl_mqtt.transport.memory import MemoryBroker, MemoryLink
 from hfl_mqtt.transport.mqtt import MqttLink
@@ -630,14 +630,16 @@ async def test_bridged_edge_brokers_keep_worker_traffic_local(start_broker: Star
     assert events[-1]["accuracy"] >= TARGET_ACCURACY
     assert reports["cloud"].updates_accepted == 2 * 4
 
-    # What crossed to the cloud broker: the cloud's model, the edges' deltas, statuses, control.
+    # What crossed to the cloud broker: the cloud's model, the edges' deltas, statuses, control,
+    # and every node's metrics record (bridged out for a monitor on the cloud broker).
     cloud_topics = {topic for topic, _, _ in on_cloud}
-    allowed = {model_topic(fed, "cloud"), status_topic(fed, "cloud")}
+    records = {metrics_topic(fed, node.node) for node in nodes}
+    allowed = {model_topic(fed, "cloud"), status_topic(fed, "cloud"), *records}
     for edge in edges:
         allowed |= {up_topic(fed, "cloud", edge), status_topic(fed, edge), ctl_topic(fed, edge)}
     assert up_topic(fed, "cloud", "edge-0") in cloud_topics
     assert cloud_topics <= allowed, cloud_topics - allowed
-    assert not any("worker" in topic for topic in cloud_topics)
+    assert not any("worker" in topic for topic in cloud_topics - records)
     # ... while each edge broker carried its own workers' deltas and its own model.
     for edge, seen in (("edge-0", on_edge0), ("edge-1", on_edge1)):
         topics = {topic for topic, _, _ in seen}
@@ -648,10 +650,12 @@ async def test_bridged_edge_brokers_keep_worker_traffic_local(start_broker: Star
         assert not any(f"/{other}/up/" in topic for topic in topics)
 
     # The brokers' own counters agree. Publish payloads reaching the cloud broker are the
-    # root's models and stop messages, the edges' deltas (all counted by our links), and a few
-    # status messages and bridge notifications of some 20 bytes each: nothing of the workers'.
+    # root's models and stop messages, the edges' deltas, every other node's metrics records
+    # (all counted by our links), and a few status messages and bridge notifications of some
+    # 20 bytes each: nothing else of the workers'.
     worker_bytes = sum(r.bytes_sent for r in reports.values() if r.role == "worker")
     crossing = reports["cloud"].bytes_sent + sum(sent_kind(reports[edge], "up") for edge in edges)
+    crossing += sum(sent_kind(r, "metrics") for name, r in reports.items() if name != "cloud")
     cloud_sys, *edge_sys = await sys_counters_after_quiet(cloud, *edges.values())
     assert crossing <= cloud_sys["publish_bytes_received"] <= crossing + 512
     assert cloud_sys["publish_bytes_received"] < worker_bytes / 2

@@ -45,7 +45,11 @@ async def test_sim_runs_on_the_embedded_broker_without_mosquitto(tmp_path: Path)
     assert "embedded amqtt broker" in said.getvalue()
     assert summary["global_rounds"] == 3
     assert summary["final_accuracy"] > 0.5
-    assert summary["updates_rejected"] == {}
+    # amqtt at times drops a client (an error inside it: "dictionary changed size during
+    # iteration", then a take-over): the worker reconnects, gets its parent's retained model
+    # again and re-sends its delta (the resend rule), which the edge drops as a duplicate.
+    # Nothing else may be refused.
+    assert set(summary["updates_rejected"]) <= {"duplicate"}
     assert summary["config"]["levels"][0]["name"] == "cloud"
 
 
