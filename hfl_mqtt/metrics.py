@@ -64,6 +64,9 @@ STALENESS_BUCKETS = 17
 SAMPLE_EVERY_S = 0.5
 """How long the process's memory and CPU time, once read, stand for every node of it."""
 
+_AWAY_POLL_S = 1.0
+"""How often a node that dropped out looks whether it is back (then its record goes at once)."""
+
 _IGNORED = ("t", "uptime_s", "rss", "cpu_s")
 """Fields that move by themselves: a record that differs only there is not published."""
 _OWN_KIND = "metrics"
@@ -252,6 +255,8 @@ class MetricsPublisher:
         self._last: dict[str, Any] | None = None
         """What the last published record said, less what moves by itself."""
         self._last_at: float | None = None
+        self._away = False
+        """The node was offline at its last turn: look again soon, to say it is back."""
         self.published = 0
 
     def record(self) -> dict[str, Any]:
@@ -320,7 +325,8 @@ class MetricsPublisher:
         if not final and self.due_in() > 0:
             return False
         record = self.record()
-        if record["status"] == "offline" and not final:
+        self._away = record["status"] == "offline" and not final
+        if self._away:
             return False  # a device that dropped out says nothing until it is back
         counted = self._what_counts(record)
         if counted == self._last:
@@ -346,7 +352,10 @@ class MetricsPublisher:
         await asyncio.sleep(self.interval_s * random.random())
         while True:
             await self.publish_if_due()
-            await asyncio.sleep(max(self.due_in(), self.interval_s))
+            if self._away:
+                await asyncio.sleep(min(self.interval_s, _AWAY_POLL_S))
+            else:
+                await asyncio.sleep(max(self.due_in(), self.interval_s))
 
     def start(self, tasks: asyncio.TaskGroup) -> asyncio.Task[None]:
         """``run`` as a named task of the node's task group."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -247,6 +248,32 @@ async def test_a_node_that_dropped_out_publishes_nothing_until_back() -> None:
         assert not await publisher.publish_if_due()
         node.now = NodeNow("edge-0", "online", 2)
         assert await publisher.publish_if_due()
+
+
+async def test_a_node_back_from_a_dropout_says_so_within_a_second() -> None:
+    """A node's turn comes every interval (a worker's: 5 s); one that was away at its turn
+    looks again every second (dropouts are frequent: its record used to wait 20 s or more)."""
+    broker, node = MemoryBroker(), Node("worker")
+    config = worker_config("w", "edge-0").model_copy(update={"metrics_interval_s": 3.0})
+    async with MemoryLink(broker, "w") as link, asyncio.TaskGroup() as tasks:
+        publisher = MetricsPublisher(
+            config, node.report, link, links=lambda: [node.stats], now=lambda: node.now
+        )
+        task = publisher.start(tasks)
+        await asyncio.sleep(0.05)
+        assert publisher.published == 1  # at start
+        node.now = NodeNow("edge-0", "offline", 2)
+        node.report.trained += 1  # something to say, once back
+        async with asyncio.timeout(8):  # its next turn: within 2 intervals (its phase): away
+            while not publisher._away:
+                await asyncio.sleep(0.05)
+        node.now = NodeNow("edge-0", "online", 2)
+        back = time.monotonic()
+        async with asyncio.timeout(3):
+            while publisher.published == 1:
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - back < 1.5  # not at its next turn, 3 s on
+        task.cancel()
 
 
 async def test_a_refused_publish_is_the_last_error_not_a_crash() -> None:
