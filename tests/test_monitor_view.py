@@ -353,3 +353,11 @@ def test_accuracy_points_take_the_trees_bytes_from_the_root_and_keep_what_scroll
     assert [(p["version"], p["bytes"]) for p in points] == [(1, 100), (2, 200), (3, 300)]
     root(1004, [[0.5, 1, 0.4, 1.2, 50]])  # the root started over: its history again
     assert [p["version"] for p in view.snapshot(1005)["accuracy"]] == [1]
+
+
+def test_nodes_sort_as_people_read_them() -> None:
+    view = FederationView()
+    for worker in ("worker-10", "worker-9", "worker-1", "worker-2b", "worker-2a"):
+        view.observe(metrics(worker), record(worker, 100), 100)
+    ids = [n["id"] for n in view.snapshot(100)["nodes"]]
+    assert ids == ["worker-1", "worker-2a", "worker-2b", "worker-9", "worker-10"]

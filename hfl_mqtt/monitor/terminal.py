@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.text import Text
 from rich.tree import Tree
 
-from hfl_mqtt.monitor.view import FederationView
+from hfl_mqtt.monitor.view import FederationView, natural_key
 
 __all__ = ["MAX_CHILDREN", "live", "render", "sparkline"]
 
@@ -122,7 +122,7 @@ def _tree(snapshot: dict[str, Any]) -> Tree:
         inner = [node for node in kids if node["id"] in children]
         leaves = [node for node in kids if node["id"] not in children]
         shown = inner + leaves[: max(0, MAX_CHILDREN - len(inner))]
-        for node in sorted(shown, key=lambda n: n["id"]):
+        for node in sorted(shown, key=lambda n: natural_key(n["id"])):
             drawn.add(node["id"])
             add(branch.add(_label(node)), node["id"])
         if len(shown) < len(kids):

@@ -16,13 +16,14 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-__all__ = ["MAX_REJECTIONS", "FederationView", "NodeState"]
+__all__ = ["MAX_REJECTIONS", "FederationView", "NodeState", "natural_key"]
 
 log = structlog.get_logger("hfl_mqtt.monitor")
 
@@ -77,6 +78,15 @@ def _evaluation(entry: object) -> dict[str, Any] | None:
         "loss": _float(entry[3]) if len(entry) > 3 else None,
         "bytes": _int(entry[4]) if len(entry) > 4 else None,
     }
+
+
+def natural_key(node_id: str) -> tuple[tuple[int, int | str], ...]:
+    """Sorts ids as people read them: worker-8 before worker-10."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part)
+        for part in re.split(r"(\d+)", node_id)
+        if part
+    )
 
 
 def _names(value: object) -> tuple[str, ...]:
@@ -383,7 +393,7 @@ class FederationView:
         dicts (``/api/state``)."""
         ordered = sorted(
             self.nodes.values(),
-            key=lambda n: (n.level is None, n.level or 0, n.id),
+            key=lambda n: (n.level is None, n.level or 0, natural_key(n.id)),
         )
         nodes = [node.to_dict(now) for node in ordered]
         for entry in nodes:
