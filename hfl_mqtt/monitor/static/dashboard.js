@@ -586,7 +586,7 @@ function drawCharts(acc) {
     { color: "#60a5fa", xLabel: "seconds since the root started", xFormat: (v, step) => v.toFixed(decimals(step)), empty: "no evaluation yet" });
   lineChart($("chart-bytes"), acc.filter((p) => p.bytes !== null && p.bytes !== undefined)
     .map((p) => ({ x: p.bytes, y: p.accuracy, label: `${label(p)} after ${bytes(p.bytes)}` })),
-    { color: "#a78bfa", xLabel: "bytes sent by all nodes", xFormat: bytes, empty: "no evaluation with byte counts yet" });
+    { color: "#a78bfa", xLabel: "bytes the tree carried (models and deltas)", xFormat: bytes, empty: "no evaluation with byte counts yet" });
 }
 
 function connection(stateName, label) {
