@@ -143,7 +143,7 @@ async def serve_replay(
     from hfl_mqtt.monitor.web import Dashboard
 
     view = FederationView()
-    dashboard = Dashboard(view, host, port)
+    dashboard = Dashboard(view, host, port, mode="replay")
     replay = Replay(path, view, speed=speed or 1.0, on_change=dashboard.changed)
     dashboard.clock = replay.clock
     if not replay.lines:

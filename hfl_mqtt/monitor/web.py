@@ -109,8 +109,8 @@ class Dashboard:
 
     Call ``changed()`` after the view took something new (``observe`` returned True): the
     clients get a snapshot within ``interval`` seconds. ``clock`` is the time the view is asked
-    at: the wall clock, or a replay's. ``mode`` ("live" or "replay", in every snapshot sent, for
-    the page to say so) defaults to "live" on the wall clock and "replay" on any other.
+    at: the wall clock, or a replay's. ``mode`` ("live" or "replay") goes in every snapshot
+    sent, for the page to say so.
     """
 
     def __init__(
@@ -122,14 +122,14 @@ class Dashboard:
         interval: float = 0.5,
         keepalive: float = 15.0,
         clock: Callable[[], float] = time.time,
-        mode: Mode | None = None,
+        mode: Mode = "live",
     ) -> None:
         self.view = view
         self.host, self.port = host, port
         self.interval = interval
         self.keepalive = keepalive
         self.clock = clock
-        self._mode = mode
+        self.mode: Mode = mode
         self.sent = 0
         """Snapshots pushed so far (one per tick, whatever the number of clients)."""
         self._changed = asyncio.Event()
@@ -152,14 +152,6 @@ class Dashboard:
         """The view changed: push a snapshot to the clients (coalesced, at most every
         ``interval`` seconds)."""
         self._changed.set()
-
-    @property
-    def mode(self) -> Mode:
-        """As given, else "live" on the wall clock and "replay" on any other (``serve_replay``
-        sets its replay's clock after building the dashboard)."""
-        if self._mode is not None:
-            return self._mode
-        return "live" if self.clock is time.time else "replay"
 
     def state(self) -> dict[str, Any]:
         """The view's snapshot, with the dashboard's ``mode`` (ages in a replay are the run's)."""
