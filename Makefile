@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-monitor: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/metrics_cost_bench.py --json benchmarks/out/metrics_cost.json
 	$(BIN)/python benchmarks/monitor_bench.py --json benchmarks/out/monitor.json
+
+# 1,000 to 10,000 real MQTT workers in one simulation (about 8 minutes).
+bench-scale: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/scale_bench.py --json benchmarks/out/scale.json
 
 # Real node processes killed -9, brokers crashed, hostile payloads, a site cut off, 3 seeds
 # (about 20 minutes); rewrites its section of RESULTS.md and its plots from the results.

@@ -143,3 +143,51 @@ def test_recovery_bench_crashes_the_broker_once_per_setting(tmp_path: Path) -> N
         assert record["recovery_s"] > 0
         assert record["global_rounds"] == 3
     assert set(result["targets"]) >= {"no update lost", "no round waits for its deadline"}
+
+
+@needs_mosquitto
+def test_metrics_cost_bench_measures_the_records_three_ways(tmp_path: Path) -> None:
+    from benchmarks import metrics_cost_bench
+
+    out = tmp_path / "metrics_cost.json"
+    metrics_cost_bench.main(["--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "metrics_cost"
+    assert result["metrics_default"]["metrics_bytes"] > 0
+    assert result["metrics_on"]["metrics_records"] >= result["metrics_default"]["metrics_records"]
+    assert result["metrics_off"]["metrics_bytes"] == 0
+    assert all(state in ("met", "missed") for state in result["targets"].values())
+
+
+@needs_mosquitto
+def test_monitor_bench_reads_both_dashboards(tmp_path: Path) -> None:
+    from benchmarks import monitor_bench
+
+    out = tmp_path / "monitor.json"
+    argv = ["--edges", "2", "--workers-per-edge", "5", "--rounds", "3", "--no-compare-off"]
+    monitor_bench.main([*argv, "--json", str(out)])  # exit code: the targets, not checked here
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "monitor_keep_up"
+    for name in ("sim", "monitor"):
+        stream = result["results"][name]["dashboard"]
+        assert stream["nodes_seen"] == 13
+        assert stream["events"] > 0
+    assert len(result["targets"]) == 8
+
+
+@needs_mosquitto
+def test_scale_bench_reports_each_size(tmp_path: Path) -> None:
+    from benchmarks import scale_bench
+
+    out = tmp_path / "scale.json"
+    argv = ["--sizes", "20,40", "--workers-per-edge", "20", "--rounds", "3", "--json", str(out)]
+    scale_bench.main(argv)
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "scale"
+    assert [r["workers"] for r in result["records"]] == [20, 40]
+    for record in result["records"]:
+        assert record["rounds"] == 3
+        assert record["tracebacks"] == 0
+        assert record["rss_mb_per_worker"] > 0
+        assert len(record["losses"]) == 3
+    assert len(result["targets"]) == 6
