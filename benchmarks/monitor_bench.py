@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any
 
 import aiohttp
 import yaml
+
+from hfl_mqtt.brokers import free_port
 
 TARGET_GAP_S = 1.0
 TARGET_LAG_P95_S = 1.0
@@ -67,12 +68,6 @@ def federation(args: argparse.Namespace, *, metrics: bool) -> dict[str, Any]:
             "train": {"epochs": 1, "batch_size": 16, "learning_rate": 0.1},
         },
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def read_stream(url: str, events: list[dict[str, Any]], stop: asyncio.Event) -> None:

@@ -4,7 +4,6 @@ monitor --prometheus`` in another, its endpoint scraped over HTTP while the fede
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from hfl_mqtt.brokers import free_port
 from hfl_mqtt.cli import DEMO
 from tests.fakes import needs_mosquitto
 
@@ -22,12 +22,6 @@ pytestmark = needs_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 Spawn = Callable[..., subprocess.Popen[bytes]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> object:
