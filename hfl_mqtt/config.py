@@ -79,7 +79,9 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 Count = Annotated[int, Field(ge=1)]
 
 
-def _check_codec(value: str) -> str:
+def _check_codec(value: str | None) -> str | None:
+    if value is None:
+        return None
     try:
         parse_spec(value)
     except CodecSpecError as exc:
@@ -346,12 +348,17 @@ class DownstreamConfig(RoundConfig):
     broker: BrokerAddress = BrokerAddress()
     children: Annotated[list[Identifier], Field(min_length=1)]
     codec: Codec = "npy"
-    """How this node's model travels down."""
+    """How this node's model travels down (every version, or with ``delta_codec`` the first)."""
+    delta_codec: Codec | None = None
+    """Delta coding down (``roles/downlink.py``): each version goes as a delta against the one
+    before in this codec (say ``q8``), and every ``keyframe_every`` versions a whole model is
+    retained for children that join; None: every version is a whole model."""
+    keyframe_every: Annotated[int, Field(ge=1)] = 20
     adoptees: list[Identifier] = []
     """Nodes this one accepts as children when they join it (re-parenting); anyone else who
     is not a child is refused."""
 
-    _codec = field_validator("codec")(_check_codec)
+    _codec = field_validator("codec", "delta_codec")(_check_codec)
 
     @model_validator(mode="after")
     def _enough_children(self) -> DownstreamConfig:
@@ -551,9 +558,16 @@ class LevelConfig(RoundConfig):
     name: Identifier
     uplink_codec: Codec = "q8"
     downlink_codec: Codec = "npy"
+    downlink_delta_codec: Codec | None = None
+    """The level's aggregators send each new model as a delta in this codec
+    (``DownstreamConfig.delta_codec``); None: whole models."""
+    keyframe_every: Annotated[int, Field(ge=1)] = 20
+    """With delta coding: a whole model is retained every this many versions."""
     error_feedback: bool = False
 
-    _codecs = field_validator("uplink_codec", "downlink_codec")(_check_codec)
+    _codecs = field_validator("uplink_codec", "downlink_codec", "downlink_delta_codec")(
+        _check_codec
+    )
 
     def round_config(self) -> dict[str, Any]:
         """The round settings, as keyword arguments of ``DownstreamConfig``."""
@@ -685,6 +699,8 @@ class FederationConfig(_Frozen):
                     broker=down_broker(node),
                     children=tree[node],
                     codec=level.downlink_codec,
+                    delta_codec=level.downlink_delta_codec,
+                    keyframe_every=level.keyframe_every,
                     adoptees=adoptees.get(node, []),
                     **level.round_config(),
                 )

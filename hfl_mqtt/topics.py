@@ -5,6 +5,9 @@ topic                               direction           QoS  retained  payload
 ==================================  ==================  ===  ========  =============================
 ``hfl/{fed}/{node}/model``          node -> children    1    yes       the node's current model
 ``hfl/{fed}/{node}/model/chunk/{i}``  node -> children  1    yes       chunk i of a large model
+``hfl/{fed}/{node}/model/delta/{s}``  node -> children  1    yes       delta coding: the version
+                                                                       v with v % K == s, as a
+                                                                       delta (``roles/downlink``)
 ``hfl/{fed}/{node}/up/{child}``     child -> node       1    no        the child's delta (chunked
                                                                        on the same topic if large)
 ``hfl/{fed}/{node}/status``         node -> anyone      1    yes       JSON: online/offline (also
@@ -37,6 +40,8 @@ __all__ = [
     "join_topic",
     "metrics_filter",
     "metrics_topic",
+    "model_delta_filter",
+    "model_delta_topic",
     "model_topic",
     "parse_topic",
     "status_topic",
@@ -60,6 +65,16 @@ def check_id(value: str, what: str = "id") -> str:
 
 def model_topic(federation: str, node: str) -> str:
     return f"{ROOT}/{federation}/{node}/model"
+
+
+def model_delta_topic(federation: str, node: str, slot: int) -> str:
+    """Where ``node`` retains the delta of each version ``v`` with ``v % K == slot``."""
+    return f"{ROOT}/{federation}/{node}/model/delta/{slot}"
+
+
+def model_delta_filter(federation: str, node: str) -> str:
+    """Subscription for every delta slot of ``node``'s model stream."""
+    return f"{ROOT}/{federation}/{node}/model/delta/+"
 
 
 def chunk_topic(topic: str, index: int) -> str:
@@ -112,14 +127,15 @@ class ParsedTopic:
 
 
 def parse_topic(topic: str) -> ParsedTopic | None:
-    """Split one of the scheme's topics (chunk topics map to their model topic); else None."""
+    """Split one of the scheme's topics (chunk and delta-slot topics are the node's ``model``
+    kind); else None."""
     parts = topic.split("/")
     if len(parts) < 4 or parts[0] != ROOT:
         return None
     _, federation, node, kind, *rest = parts
     if kind in ("up", "join") and len(rest) == 1:
         return ParsedTopic(federation, node, kind, rest[0])  # type: ignore[arg-type]
-    if kind == "model" and (not rest or (len(rest) == 2 and rest[0] == "chunk")):
+    if kind == "model" and (not rest or (len(rest) == 2 and rest[0] in ("chunk", "delta"))):
         return ParsedTopic(federation, node, "model")
     if kind in ("status", "ctl", "metrics") and not rest:
         return ParsedTopic(federation, node, kind)  # type: ignore[arg-type]

@@ -109,14 +109,14 @@ class Aggregator(AggregatorBase):
 
     # --- rounds ---------------------------------------------------------------------------------
 
-    async def _start_round(self, republish: bytes | None = None) -> None:
+    async def _start_round(self, republish: bool = False) -> None:
         """Open a round on a new version (or on the current one, published again)."""
         assert self.model is not None
         self._collecting = {}  # open first: a checkpoint made as the version goes out says so
         if self._streaming is not None:
             self._streaming.start(self.model)
-        if republish is not None:
-            await self._republish(republish)
+        if republish:
+            await self._republish()
         else:
             await self._publish_model(
                 {
@@ -148,7 +148,7 @@ class Aggregator(AggregatorBase):
         return values, models, collected
 
     async def _resumed(
-        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bytes | None
+        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bool
     ) -> None:
         self._cycle_round = int(values["cycle_round"])
         self._last_participants = list(values["last_participants"])
@@ -181,10 +181,10 @@ class Aggregator(AggregatorBase):
             await self._start_round(republish)  # x is the model of the version published
         elif self.is_root:
             await self._start_round()  # x is a closed round's result: a new version
-        elif republish is not None:
+        elif republish:
             # Waiting for the parent with a closed cycle's result: the children get their
             # version again (what they send again is refused as a duplicate).
-            await self._republish(republish)
+            await self._republish()
 
     async def _accept(self, child: str, envelope: Envelope, topic: str) -> None:
         header = envelope.header

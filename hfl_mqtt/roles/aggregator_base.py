@@ -50,6 +50,7 @@ from hfl_mqtt.codec import Compressor, Envelope, Header, ModelSpec, parse_spec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError, TransportError
 from hfl_mqtt.metrics import NodeNow, metrics_publisher
+from hfl_mqtt.roles.downlink import DownlinkFollower, DownlinkWriter
 from hfl_mqtt.roles.messages import (
     JOIN,
     LEAVE,
@@ -57,7 +58,6 @@ from hfl_mqtt.roles.messages import (
     RecentIds,
     decode_from,
     delta_message,
-    model_message,
     new_update_id,
     parse_ctl,
     parse_reparent,
@@ -148,6 +148,12 @@ class AggregatorBase(ABC):
             if link is not None:
                 link.on_reject = self.report.reject_decode
         self._down_codec, self._up_codec = _codecs(config)
+        # The model stream to the children (whole models, or deltas and keyframes), and the
+        # parent's, as this node follows it.
+        self.downlink = _downlink(config, self._down_codec)
+        self.parent_stream = (
+            DownlinkFollower(self.uplinks, config.federation) if self.uplinks is not None else None
+        )
         self._events: asyncio.Queue[Incoming | Step] = asyncio.Queue(1000)
         self._seen = RecentIds()
         self._offline: set[str] = set()
@@ -166,8 +172,6 @@ class AggregatorBase(ABC):
         self.checkpoints = state.store if state is not None else None
         self.registry = state.registry if state is not None else None
         self._resume_from = state.resume_from if state is not None else None
-        self._published: bytes | None = None
-        """The message of the current version (a checkpoint keeps it, to publish it again)."""
         self._finished = False
         self._log = log.bind(node=config.node, role=role)
 
@@ -203,10 +207,10 @@ class AggregatorBase(ABC):
 
     @abstractmethod
     async def _resumed(
-        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bytes | None
+        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bool
     ) -> None:
-        """Restore the mode's state and go on: publish ``republish`` (the checkpointed
-        version's message) again, or, if None, a new version as the mode would."""
+        """Restore the mode's state and go on: publish the checkpointed version's messages
+        again (``republish``), or else a new version as the mode would."""
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -237,8 +241,8 @@ class AggregatorBase(ABC):
                 await self.down.subscribe(join_filter(fed, me))
             control: Channel = self.uplinks if self.uplinks is not None else self.down
             await control.subscribe(ctl_topic(fed, me))
-            if self.uplinks is not None and self.parentage is not None:
-                await self.uplinks.subscribe(model_topic(fed, self.parent), chunked_retained=True)
+            if self.uplinks is not None and self.parent_stream is not None and self.parentage:
+                await self.parent_stream.follow(self.parent)
                 if self.parentage.fallbacks or self.parentage.timeout_s is not None:
                     for parent in self.parentage.candidates:
                         await self.uplinks.subscribe(status_topic(fed, parent))
@@ -353,7 +357,7 @@ class AggregatorBase(ABC):
                     await self._membership(child, command == "join", message.topic)
         elif topic.kind == "status" and topic.node in self._may_adopt:
             await self._child_status(topic.node, message.payload)
-        elif topic.kind == "model" and self.parentage is not None and topic.node == self.parent:
+        elif self.parent_stream is not None and self.parent_stream.carries(message.topic):
             await self._on_parent_model(message)
         if (
             topic.kind == "status"
@@ -444,7 +448,8 @@ class AggregatorBase(ABC):
         await self.uplinks.publish(join_topic(fed, parent, me), JOIN)
         if parent not in self.parentage.fallbacks and parent != self.parentage.home:
             await self.uplinks.subscribe(status_topic(fed, parent))
-        await self.uplinks.subscribe(model_topic(fed, parent), chunked_retained=True)
+        assert self.parent_stream is not None
+        await self.parent_stream.follow(parent)
 
     async def _finish(self) -> None:
         await self._stop_children()
@@ -507,27 +512,20 @@ class AggregatorBase(ABC):
         metrics = {"async": self.rounds_config.is_async, **metrics}
         if self.ledger.parent_version is not None:
             metrics["parent_version"] = self.ledger.parent_version
-        payload = model_message(
-            self.config.federation,
-            self.config.node,
-            self.version,
-            self.model,
-            self._down_codec,
-            metrics,
-        )
-        self._published = payload
+        messages = self.downlink.publish(self.version, self.model, metrics)
         every = self.checkpoints.every if self.checkpoints is not None else 0
         if every and self.version % every == 0:
             await self._save_checkpoint()  # before it is out: a resume publishes it again
-        await self._republish(payload)
+        await self._send_down(messages)
 
-    async def _republish(self, payload: bytes) -> None:
-        """Publish the current version's message (retained)."""
+    async def _republish(self) -> None:
+        """Publish the current version's messages again (all the stream retains)."""
+        await self._send_down(list(self.downlink.retained.items()))
+
+    async def _send_down(self, messages: list[tuple[str, bytes]]) -> None:
         assert self.model is not None
-        self._published = payload
-        await self.down.publish(
-            model_topic(self.config.federation, self.config.node), payload, retain=True
-        )
+        for topic, payload in messages:
+            await self.down.publish(topic, payload, retain=True)
         self._model_peak = max(
             (float(np.abs(v).max()) for v in self.model.values() if v.size), default=0.0
         )
@@ -542,32 +540,37 @@ class AggregatorBase(ABC):
 
     async def _on_parent_model(self, message: Incoming) -> None:
         assert self.parentage is not None
+        assert self.parent_stream is not None
+        stream = self.parent_stream
+        if stream.reader.spec is None and self.spec is not None:
+            stream.reader.spec = self.spec
         try:
-            envelope = decode_from(
-                message.payload,
-                kind="model",
-                sender=self.parent,
-                federation=self.config.federation,
-            )
-            if self._seen.seen(envelope.header.update_id):
-                await self._resend_untaken(envelope.header.version)
-                return
-            parent_version = self.ledger.parent_version
-            if parent_version is not None and envelope.header.version <= parent_version:
-                self.report.reject(
-                    "stale", message.topic, f"parent version {envelope.header.version} again"
-                )
-                return
-            model = envelope.arrays(expect=self.spec)
+            taken = await stream.take(message)
         except DecodeError as exc:
             self.report.reject(reject_reason(exc), message.topic, str(exc))
             return
+        if taken == "again":
+            assert stream.header is not None
+            await self._resend_untaken(stream.header.version)
+            return
+        if taken == "old" and not message.retain:
+            self.report.reject("stale", message.topic, "a parent version again")
+        if taken != "new":
+            return
+        assert stream.header is not None
+        assert stream.model is not None
+        header = stream.header
+        parent_version = self.ledger.parent_version
+        if parent_version is not None and header.version <= parent_version:
+            self.report.reject("stale", message.topic, f"parent version {header.version} again")
+            return
         self.parentage.model_came(time.monotonic())
         self._untaken = None  # the parent has moved on: it took our report, or never will
+        model = {k: v.copy() for k, v in stream.model.items()}  # the stream keeps its own
         if self.spec is None:
             self.spec = ModelSpec.from_arrays(model)
-        self.ledger.parent_async = envelope.header.metrics.get("async") is True
-        await self._parent_model(model, envelope.header)
+        self.ledger.parent_async = header.metrics.get("async") is True
+        await self._parent_model(model, header)
 
     def _rebase(self, model: Model, header: Header) -> Model:
         """Move ``x`` onto the parent's new model, keeping what is not reported yet; returns
@@ -649,6 +652,7 @@ class AggregatorBase(ABC):
         mode_values, mode_models, untaken_ids = self._mode_state()
         ledger_values, ledger_models = self.ledger.state()
         down_values, down_residuals = self._down_codec.state()
+        stream_values, reference, blobs = self.downlink.state()
         values: dict[str, Any] = {
             "version": self.version,
             "rounds": self.report.rounds,
@@ -660,14 +664,18 @@ class AggregatorBase(ABC):
             "ledger": ledger_values,
             "mode": mode_values,
             "down_codec": down_values,
+            "downlink": stream_values,
             "evaluations": self.report.evaluations,
         }
-        models: dict[str, Model] = {"model": self.model, "down_residuals": down_residuals}
+        models: dict[str, Model] = {
+            "model": self.model,
+            "down_residuals": down_residuals,
+            "downlink_reference": reference,
+        }
         models |= {f"ledger.{k}": v for k, v in ledger_models.items()}
         models |= {f"mode.{k}": v for k, v in mode_models.items()}
         if self._up_codec is not None:
             values["up_codec"], models["up_residuals"] = self._up_codec.state()
-        blobs = {"published": self._published} if self._published is not None else {}
         if self._untaken is not None:
             blobs["untaken"] = self._untaken[2]
         store = self.checkpoints
@@ -700,17 +708,31 @@ class AggregatorBase(ABC):
         if untaken is not None and blob is not None:
             self._untaken = (int(untaken[0]), str(untaken[1]), blob)
         every = int(values["every"])
-        republish = checkpoint.blobs.get("published")
+        republish = "published" in checkpoint.blobs
         if not (every == 1 or values["final"]):
             self.version += max(every - 1, 0)  # versions published since: skip past them
-            republish = None
+            republish = False
+        if republish:
+            self._load_downlink(values, models, checkpoint.blobs)
         self._log.info(
             "resuming from the checkpoint",
             version=self.version,
             rounds=self.report.rounds,
-            same_version=republish is not None,
+            same_version=republish,
         )
         await self._resumed(values["mode"], group("mode."), republish)
+
+    def _load_downlink(
+        self, values: Mapping[str, Any], models: Mapping[str, Model], blobs: Mapping[str, bytes]
+    ) -> None:
+        """The model stream as the checkpoint left it, to publish its messages again (a
+        checkpoint without one held the current version's whole model)."""
+        stream = values.get("downlink")
+        if stream is None:
+            topic = model_topic(self.config.federation, self.config.node)
+            self.downlink.retained = {topic: blobs["published"]}
+            return
+        self.downlink.load(stream, models.get("downlink_reference", {}), blobs)
 
     # --- the root -------------------------------------------------------------------------------
 
@@ -809,6 +831,16 @@ def _codecs(config: NodeConfig) -> tuple[Compressor, Compressor | None]:
         seed=config.task.seed + 11,
     )
     return down, up
+
+
+def _downlink(config: NodeConfig, codec: Compressor) -> DownlinkWriter:
+    """The writer of an aggregator's model stream (``codec``: its whole models)."""
+    assert config.downstream is not None
+    spec = config.downstream.delta_codec
+    delta = Compressor(spec, seed=config.task.seed + 13) if spec is not None else None
+    return DownlinkWriter(
+        config.federation, config.node, codec, delta, config.downstream.keyframe_every
+    )
 
 
 def _is_count(value: object) -> bool:

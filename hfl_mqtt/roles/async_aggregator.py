@@ -104,7 +104,7 @@ class AsyncAggregator(AggregatorBase):
         return {"strategy": values, "buffered": held}, models, set()
 
     async def _resumed(
-        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bytes | None
+        self, values: Mapping[str, Any], models: Mapping[str, Model], republish: bool
     ) -> None:
         self.strategy.load(values["strategy"], models)
         self._buffered = [
@@ -123,8 +123,8 @@ class AsyncAggregator(AggregatorBase):
                 rounds=self.report.rounds,
             )
             self._finished = True
-        elif republish is not None:
-            await self._republish(republish)
+        elif republish:
+            await self._republish()
         elif self.model is not None:
             await self._new_version({})
 

@@ -205,6 +205,18 @@ class Uplinks:
         if there is not None:
             await there.subscribe(topic_filter, chunked_retained=chunked_retained)
 
+    async def unsubscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None:
+        broker = self._broker_for(topic_filter)
+        entry = (topic_filter, chunked_retained)
+        if broker is None:
+            self._everywhere.pop(entry, None)
+            links = list(self._links.values())
+        else:
+            self._wanted.get(broker, {}).pop(entry, None)
+            links = [self._links[broker]] if broker in self._links else []
+        for link in links:
+            await link.unsubscribe(topic_filter, chunked_retained=chunked_retained)
+
     async def receive(self) -> Incoming:
         """The next message from any link (a link's error if it failed)."""
         return _raised(await self._inbox.get())

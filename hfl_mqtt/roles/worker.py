@@ -39,14 +39,14 @@ import numpy as np
 import structlog
 
 from hfl_mqtt.aggregation.base import Model, subtract
-from hfl_mqtt.codec import Compressor, Envelope, ModelSpec
+from hfl_mqtt.codec import Compressor, Header, ModelSpec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError
 from hfl_mqtt.metrics import NodeNow, metrics_publisher
+from hfl_mqtt.roles.downlink import DownlinkFollower
 from hfl_mqtt.roles.messages import (
     JOIN,
     LEAVE,
-    RecentIds,
     decode_from,
     delta_message,
     new_update_id,
@@ -62,7 +62,6 @@ from hfl_mqtt.tasks.base import RoundAware, Task, TrainResult
 from hfl_mqtt.topics import (
     ctl_topic,
     join_topic,
-    model_topic,
     parse_topic,
     status_topic,
     up_topic,
@@ -109,9 +108,8 @@ class Worker:
         )
         # The parent's models must fit this worker's own model: same names, shapes, dtypes.
         self._spec = ModelSpec.from_arrays(task.get_weights())
-        self._seen = RecentIds()
         self._pending: deque[Incoming] = deque()
-        self._keep_training_on: tuple[Envelope, Model] | None = None
+        self._keep_training_on: tuple[Header, Model] | None = None
         """The newest model of an asynchronous parent: trained on again while no newer comes."""
         self._untaken: tuple[int, str, bytes] | None = None
         """The last delta sent (base version, topic, payload) until the parent moves on."""
@@ -130,6 +128,8 @@ class Worker:
             )
             if shaper.shapes:
                 self._link = ShapedLink(self.uplinks, shaper)
+        self.stream = DownlinkFollower(self._link, config.federation, self._spec)
+        """The parent's model stream (``roles/downlink.py``)."""
 
     @property
     def parent(self) -> str:
@@ -170,13 +170,13 @@ class Worker:
 
     async def _serve(self) -> NodeReport:
         fed, me = self.config.federation, self.config.node
-        await self._link.subscribe(model_topic(fed, self.parent), chunked_retained=True)
+        await self.stream.follow(self.parent)
         await self._link.subscribe(ctl_topic(fed, me))
         if self.parentage.fallbacks or self.parentage.timeout_s is not None:
             for parent in self.parentage.candidates:
                 await self._link.subscribe(status_topic(fed, parent))
         while True:
-            message = self._next_message()
+            message = await self._next_message()
             if message is None and self._keep_training_on is not None:
                 # An asynchronous parent takes every result: never idle, train again on the
                 # newest model there is (a FedBuff or FedAsync client's loop).
@@ -208,7 +208,7 @@ class Worker:
         if topic.kind == "ctl" and topic.node == self.config.node:
             command = parse_ctl(message.payload)
             return command if command in ("stop", "reparent") else None  # type: ignore[return-value]
-        if topic.kind == "model" and topic.node == self.parent:
+        if self.stream.carries(message.topic):
             return "model"
         if topic.kind == "status" and topic.node in self.parentage.candidates:
             return "status"
@@ -253,7 +253,6 @@ class Worker:
         self.parentage.move(parent, time.monotonic(), by_hand=by_hand)
         self._untaken = None
         self._keep_training_on = None
-        self._seen = RecentIds()  # the new parent's current model is to be trained on
         self._log.info("re-homed", parent_from=old, parent_to=parent, by_hand=by_hand)
         self.report.reparented += 1
         online = status_payload("online", parent=parent)
@@ -263,30 +262,36 @@ class Worker:
         await self._link.publish(join_topic(fed, parent, me), JOIN)
         if parent not in self.parentage.fallbacks and parent != self.parentage.home:
             await self._link.subscribe(status_topic(fed, parent))
-        await self._link.subscribe(model_topic(fed, parent), chunked_retained=True)
+        await self.stream.follow(parent)  # its current model is to be trained on
 
     async def _on_model(self, message: Incoming) -> bool:
         """Train on a new model (and send the result); False if there was nothing to train on."""
-        try:
-            envelope = decode_from(
-                message.payload, kind="model", sender=self.parent, federation=self.config.federation
-            )
-            if self._seen.seen(envelope.header.update_id):
-                await self._resend_untaken(envelope.header.version)
-                return False
-            model = envelope.arrays(expect=self._spec)
-        except DecodeError as exc:
-            self.report.reject(reject_reason(exc), message.topic, str(exc))
+        if await self._take_model(message) != "new":
             return False
+        header, model = self.stream.header, self.stream.model
+        assert header is not None
+        assert model is not None
         self.parentage.model_came(time.monotonic())
         self._untaken = None  # the parent has moved on: it took our delta, or never will
-        asynchronous = envelope.header.metrics.get("async") is True
-        self._keep_training_on = (envelope, model) if asynchronous else None
-        await self._train_and_send(envelope, model)
+        asynchronous = header.metrics.get("async") is True
+        self._keep_training_on = (header, model) if asynchronous else None
+        await self._train_and_send(header, model)
         return True
 
-    async def _train_and_send(self, envelope: Envelope, model: Model) -> None:
-        version = envelope.header.version
+    async def _take_model(self, message: Incoming) -> str | None:
+        """One message of the parent's model stream into ``stream``: what it did (None: it was
+        refused); the parent's current version again has our last delta sent again."""
+        try:
+            taken = await self.stream.take(message)
+        except DecodeError as exc:
+            self.report.reject(reject_reason(exc), message.topic, str(exc))
+            return None
+        if taken == "again" and self.stream.header is not None:
+            await self._resend_untaken(self.stream.header.version)
+        return taken
+
+    async def _train_and_send(self, header: Header, model: Model) -> None:
+        version = header.version
         log_round = self._log.bind(base_version=version)
         started = time.monotonic()
         trained, result = await asyncio.to_thread(self._train, model, version)
@@ -294,7 +299,7 @@ class Worker:
         self.report.trained += 1
         self._version = version
         newer_waiting = self._newer_model_waiting(version)  # sets aside what arrived meanwhile
-        if newer_waiting and not envelope.header.metrics.get("async"):
+        if newer_waiting and not header.metrics.get("async"):
             log_round.info("newer model arrived during training: result dropped")
             return
         delta = subtract(trained, model)
@@ -337,9 +342,9 @@ class Worker:
     async def _stay_offline(self) -> bool:
         """Drop out for a drawn while, as if the device had vanished; True if told to stop.
 
-        Offline, the worker takes nothing but a stop: it keeps only the last model its parent
-        published meanwhile (models are retained, so on rejoining it would get that one) and
-        goes on from it.
+        Offline, the worker takes nothing but a stop: it keeps the models its parent published
+        meanwhile, as a broker keeps them in a session, and on rejoining goes on from the newest
+        (a delta-coded stream needs every one of them).
         """
         assert self.device is not None
         seconds = float(self._rng.uniform(*self.device.offline_s))
@@ -350,7 +355,7 @@ class Worker:
         self._offline = True
         set_aside = deque(self._pending)  # what arrived during the last run counts too
         self._pending.clear()
-        latest_model: Incoming | None = None
+        models: list[Incoming] = []
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 while True:
@@ -364,12 +369,11 @@ class Worker:
                         self._log.info("stopping on request while offline")
                         return True
                     if kind == "model":
-                        latest_model = message
+                        models.append(message)
         self._offline = False
         await self._link.publish(status, status_payload("online"), retain=True)
-        self._log.info("back online", newest_model_waiting=latest_model is not None)
-        if latest_model is not None:
-            self._pending.append(latest_model)
+        self._log.info("back online", models_waiting=len(models))
+        self._pending.extend(models)
         return False
 
     async def _receive(self, *, watch_parent: bool = True) -> Incoming:
@@ -413,23 +417,25 @@ class Worker:
         result = self.task.train(self.config.task.train)
         return self.task.get_weights(), result
 
-    def _next_message(self) -> Incoming | None:
-        """The next message already here, skipping models that a later, newer one from our
+    async def _next_message(self) -> Incoming | None:
+        """The next message already here, passing over models that a later, newer one from our
         parent replaces (models can queue up while a worker trains or sends, and only the
-        newest is worth training on). A message that only looks like a newer model (another
-        sender, bad bytes) replaces nothing: it is refused and counted when its turn comes."""
+        newest is worth training on; the deltas of a delta-coded stream are taken in on the
+        way, untrained). A message that only looks like a newer model (another sender, bad
+        bytes) replaces nothing: it is refused and counted when its turn comes."""
         while (waiting := self._link.receive_nowait()) is not None:
             self._pending.append(waiting)
-        model = model_topic(self.config.federation, self.parent)
         while self._pending:
             message = self._pending.popleft()
-            if message.topic != model:
+            if not self.stream.carries(message.topic):
                 return message
             mine = self._model_version(message)
             if mine is None or not any(
                 (v := self._model_version(m)) is not None and v > mine for m in self._pending
             ):
                 return message
+            if self.stream.reader.streaming:
+                await self._take_model(message)
         return None
 
     def _newer_model_waiting(self, version: int) -> bool:
@@ -441,8 +447,9 @@ class Worker:
         return any((v := self._model_version(m)) is not None and v > version for m in self._pending)
 
     def _model_version(self, message: Incoming) -> int | None:
-        """The version of an unseen model from our parent, or None for anything else."""
-        if message.topic != model_topic(self.config.federation, self.parent):
+        """The version of a model from our parent newer than the one we hold, or None for
+        anything else."""
+        if not self.stream.carries(message.topic):
             return None
         try:
             envelope = decode_from(
@@ -453,4 +460,6 @@ class Worker:
             )
         except DecodeError:
             return None
-        return None if self._seen.known(envelope.header.update_id) else envelope.header.version
+        held = self.stream.reader.version
+        version = envelope.header.version
+        return version if held is None or version > held else None

@@ -61,6 +61,7 @@ class Channel(Protocol):
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
     async def subscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None: ...
+    async def unsubscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None: ...
     async def receive(self) -> Incoming: ...
     def receive_nowait(self) -> Incoming | None: ...
 
@@ -215,6 +216,10 @@ class LinkBase(ABC):
     async def _subscribe(self, topic_filter: str) -> None:
         """Subscribe at QoS 1."""
 
+    @abstractmethod
+    async def _unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription (not replayed after a reconnect any more)."""
+
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish a whole message at QoS 1, chunked if larger than the chunk size."""
         self._check_open()
@@ -248,6 +253,13 @@ class LinkBase(ABC):
         await self._subscribe(topic_filter)
         if chunked_retained:
             await self._subscribe(f"{topic_filter}/chunk/+")
+
+    async def unsubscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None:
+        """Undo ``subscribe`` (with the same ``chunked_retained``)."""
+        self._check_open()
+        await self._unsubscribe(topic_filter)
+        if chunked_retained:
+            await self._unsubscribe(f"{topic_filter}/chunk/+")
 
     async def receive(self) -> Incoming:
         """The next whole message (the link's error if it fails meanwhile)."""

@@ -94,5 +94,10 @@ class MemoryLink(LinkBase):
         await self.broker.publish(topic, payload, retain)
 
     async def _subscribe(self, topic_filter: str) -> None:
-        self.filters.append(topic_filter)
+        if topic_filter not in self.filters:
+            self.filters.append(topic_filter)
         await self.broker.subscribed(self, topic_filter)
+
+    async def _unsubscribe(self, topic_filter: str) -> None:
+        if topic_filter in self.filters:
+            self.filters.remove(topic_filter)

@@ -520,7 +520,8 @@ class MqttLink(LinkBase):
             return
 
     async def _subscribe(self, topic_filter: str) -> None:
-        self._subscriptions.append(topic_filter)
+        if topic_filter not in self._subscriptions:
+            self._subscriptions.append(topic_filter)
         while True:
             await self._or_failure(self._connected.wait)
             client, generation = self._client, self._generation
@@ -538,3 +539,18 @@ class MqttLink(LinkBase):
                 continue
             self._check_granted([topic_filter], codes)
             return
+
+    async def _unsubscribe(self, topic_filter: str) -> None:
+        if topic_filter not in self._subscriptions:
+            return
+        self._subscriptions.remove(topic_filter)
+        await self._or_failure(self._connected.wait)
+        client = self._client
+        assert client is not None
+        try:
+            await client.unsubscribe(topic_filter)
+        except aiomqtt.MqttError as exc:
+            # The connection dropped: the subscription is gone from the list that a reconnect
+            # replays, and a session the broker kept may deliver a little more, which
+            # receivers ignore as they would any message they no longer want.
+            log.debug("unsubscribe failed", topic=topic_filter, error=str(exc))

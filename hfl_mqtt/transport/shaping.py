@@ -113,6 +113,9 @@ class ShapedLink:
     async def subscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None:
         await self.link.subscribe(topic_filter, chunked_retained=chunked_retained)
 
+    async def unsubscribe(self, topic_filter: str, *, chunked_retained: bool = False) -> None:
+        await self.link.unsubscribe(topic_filter, chunked_retained=chunked_retained)
+
     async def receive(self) -> Incoming:
         """The next message, no earlier than the shaper allows."""
         if self._head is None:
