@@ -200,12 +200,14 @@ def report_model_names(node: NodeConfig) -> list[str]:
 
 
 def models_of(received: list[tuple[str, bytes, bool]], topic: str) -> list[tuple[int, str]]:
-    """(version, update id) of every model published on ``topic``, in order."""
-    out = []
+    """(version, update id) of every model published on ``topic`` or its delta slots, in
+    order (a version that went out as a keyframe and a delta counts once)."""
+    out: list[tuple[int, str]] = []
     for got, payload, _ in received:
-        if got == topic:
+        if got == topic or got.startswith(f"{topic}/delta/"):
             header = decode_envelope(payload).header
-            out.append((header.version, header.update_id))
+            if (header.version, header.update_id) not in out[-2:]:
+                out.append((header.version, header.update_id))
     return out
 
 
@@ -230,16 +232,20 @@ async def crash(task: asyncio.Task[NodeReport]) -> None:
 
 @needs_mosquitto
 @pytest.mark.anyio
-@pytest.mark.parametrize("mode", ["sync", "fedbuff"])
+@pytest.mark.parametrize("mode", ["sync", "fedbuff", "sync-delta"])
 async def test_a_crashed_root_resumes_at_the_same_version_and_finishes_the_run(
     start_broker: StartBroker, tmp_path: Path, mode: str
 ) -> None:
     """The root crashes after its second evaluation and comes back from its checkpoint: it
-    publishes the same version again (same message), its workers send what it lost again,
-    and the run goes on to its last round with versions that only grow."""
+    publishes the same version again (same message; with delta coding, the same stream), its
+    workers send what it lost again, and the run goes on to its last round with versions that
+    only grow."""
     broker = start_broker()
     rounds = 6
-    config = federation(f"resume-{mode}", rounds=(rounds,), fanout=(3,), min_fraction=1.0)
+    delta = "q8" if mode == "sync-delta" else None
+    config = federation(
+        f"resume-{mode}", rounds=(rounds,), fanout=(3,), min_fraction=1.0, delta=delta
+    )
     if mode == "fedbuff":
         levels = [config.levels[0].model_copy(update={"mode": "fedbuff", "buffer_size": 3})]
         config = config.model_copy(update={"levels": levels + config.levels[1:]})

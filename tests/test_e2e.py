@@ -108,8 +108,10 @@ def federation(
     deadline_s: float = 60.0,
     min_fraction: float = 0.5,
     chunk_size: int = 1 << 20,
+    delta: str | None = None,
 ) -> FederationConfig:
-    """A federation on digits: ``rounds`` per aggregator level (root first), then the workers.
+    """A federation on digits: ``rounds`` per aggregator level (root first), then the workers;
+    ``delta``: the aggregators' downlink delta codec (a keyframe every 2 versions).
 
     The deadline is long on purpose: a round that closes here closed because everyone still
     online answered, never because time ran out.
@@ -122,6 +124,8 @@ def federation(
             "deadline_s": deadline_s,
             "min_fraction": min_fraction,
             "downlink_codec": "fp16" if depth == 0 else "npy",
+            "downlink_delta_codec": delta,
+            "keyframe_every": 2,
         }
         for depth, (level, r) in enumerate(zip(names, rounds, strict=True))
     ]
@@ -771,16 +775,20 @@ async def test_broker_killed_and_restarted_mid_run_loses_no_update(
     assert events[-1]["accuracy"] >= TARGET_ACCURACY
 
 
+@pytest.mark.parametrize("delta", [None, "q8"], ids=["whole-models", "delta-coded"])
 async def test_broker_restarted_without_persistence_loses_no_update_and_waits_no_deadline(
-    start_broker: StartBroker,
+    start_broker: StartBroker, delta: str | None
 ) -> None:
     """SIGKILL a broker that keeps nothing on disk, mid-run, and restart it: it comes back with
     no session, no subscription and no retained model. Every node re-subscribes, puts its
-    retained model back and re-sends the delta its parent has not taken, so every update sent
-    is accepted (by update id) and no round waits for its 60 s deadline."""
+    retained model back (with delta coding: the keyframe and the delta slots) and re-sends the
+    delta its parent has not taken, so every update sent is accepted (by update id) and no
+    round waits for its 60 s deadline."""
     broker = start_broker(BrokerConfig(persistence=False))
     rounds = 4
-    config = federation("amnesia", rounds=(rounds, 1), fanout=(2, 3), epochs=60, min_fraction=1.0)
+    config = federation(
+        "amnesia", rounds=(rounds, 1), fanout=(2, 3), epochs=60, min_fraction=1.0, delta=delta
+    )
     nodes = config.node_configs({"cloud": address(broker)})
     events: list[dict[str, Any]] = []
     started = time.monotonic()

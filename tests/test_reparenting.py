@@ -166,15 +166,17 @@ async def wait_for(events: list[dict[str, Any]], count: int, timeout: float = 30
 
 @needs_mosquitto
 @pytest.mark.anyio
+@pytest.mark.parametrize("delta", [None, "q8"], ids=["whole-models", "delta-coded"])
 async def test_workers_rehome_when_their_edge_is_killed_and_go_back_when_it_returns(
-    start_broker: StartBroker, spawn: Spawn, tmp_path: Path
+    start_broker: StartBroker, spawn: Spawn, tmp_path: Path, delta: str | None
 ) -> None:
     """edge-0 runs as its own process and is SIGKILLed: the broker publishes its Last Will,
     its workers move to edge-1 (their first fallback) and the federation goes on. edge-0 is
-    started again (it resumes from its checkpoint) and its workers go back to it."""
+    started again (it resumes from its checkpoint) and its workers go back to it (with delta
+    coding: each move starts from the new parent's keyframe)."""
     broker = start_broker()
     config = federation(
-        "rehome", rounds=(60, 1), fanout=(2, 2), deadline_s=30.0, min_fraction=0.5
+        "rehome", rounds=(60, 1), fanout=(2, 2), deadline_s=30.0, min_fraction=0.5, delta=delta
     ).model_copy(update={"fallback_parents": True})
     nodes = {n.node: n for n in config.node_configs({"cloud": address(broker)})}
     edge = nodes["edge-0"].model_copy(update={"state_dir": tmp_path / "edge-0"})

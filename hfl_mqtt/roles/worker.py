@@ -342,9 +342,9 @@ class Worker:
     async def _stay_offline(self) -> bool:
         """Drop out for a drawn while, as if the device had vanished; True if told to stop.
 
-        Offline, the worker takes nothing but a stop: it keeps the models its parent published
-        meanwhile, as a broker keeps them in a session, and on rejoining goes on from the newest
-        (a delta-coded stream needs every one of them).
+        Offline, the worker takes nothing but a stop: it keeps what its parent published
+        meanwhile, as a broker keeps it in a session (the newest whole model; every message of
+        a delta-coded stream), and on rejoining goes on from the newest version.
         """
         assert self.device is not None
         seconds = float(self._rng.uniform(*self.device.offline_s))
@@ -369,6 +369,8 @@ class Worker:
                         self._log.info("stopping on request while offline")
                         return True
                     if kind == "model":
+                        if not self.stream.reader.streaming:
+                            models.clear()  # whole models: the newest is all it needs
                         models.append(message)
         self._offline = False
         await self._link.publish(status, status_payload("online"), retain=True)
