@@ -303,7 +303,10 @@ class DownlinkReader:
         base = envelope.header.base_version
         assert base is not None
         self._waiting[base] = envelope
-        while len(self._waiting) > self._max_waiting:
+        # A keyframe is never more than K versions back: 2 K deltas are plenty to wait for.
+        k = envelope.header.metrics.get(KEYFRAME_EVERY_METRIC)
+        limit = min(self._max_waiting, 2 * k) if isinstance(k, int) and k > 0 else 2
+        while len(self._waiting) > limit:
             del self._waiting[min(self._waiting)]
 
     def _catch_up(self) -> None:
