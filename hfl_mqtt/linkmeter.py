@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import socket
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -56,6 +58,21 @@ class LinkMeter:
 
     def counts(self) -> LinkCounts:
         return LinkCounts(self._up.value, self._down.value, self._connections.value)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user and system) the meter's process has used so far: what metering costs
+        the machine it shares with the system it measures. None when the meter is not running,
+        or where there is no ``/proc`` (not Linux)."""
+        if self._process is None or self._process.pid is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self._process.pid}/stat").read_text()
+        except OSError:
+            return None
+        # Fields after the command name (which may hold spaces, in parentheses): state is
+        # field 3, utime 14 and stime 15, in clock ticks.
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def start(self) -> None:
         listener = socket.create_server((self.host, 0))

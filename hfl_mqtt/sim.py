@@ -342,8 +342,10 @@ async def simulate(
     then holds this run's evaluations, the summary and the plot the whole run's.
 
     With ``meter_links``, the bytes crossing each network link are measured on the wire by
-    byte-counting proxies (``hfl_mqtt.linkmeter``): ``links`` in the summary, and
-    ``cloud_link_bytes`` in every evaluation (the links into the root's broker).
+    byte-counting proxies (``hfl_mqtt.linkmeter``): ``links`` in the summary (with each
+    meter's CPU seconds), and in every evaluation ``link_bytes`` (each meter's count, by the
+    node whose broker it fronts) and ``cloud_link_bytes`` (the links into the root's broker).
+    Every evaluation carries its wall-clock time (``wall``), to line it up with other clocks.
 
     The nodes' status and metrics messages go to ``metrics.jsonl`` too, and to
     ``on_node_message`` (topic, payload, wall time) if given: a dashboard's view. A ``watcher``
@@ -389,8 +391,7 @@ async def simulate(
             )
 
         def on_event(event: dict[str, Any]) -> None:
-            if meters is not None:
-                event["cloud_link_bytes"] = meters[config.levels[0].name].counts().total
+            _stamp(event, meters, config.levels[0].name)
             events.append(event)
             metrics_file.write(json.dumps(event) + "\n")
             metrics_file.flush()
@@ -410,8 +411,13 @@ async def simulate(
                 nodes, groups, log_level, on_event, "fresh" if resume is None else "resume"
             )
         links = {
-            name: {"up": c.up, "down": c.down, "connections": c.connections}
-            for name, c in ((name, m.counts()) for name, m in (meters or {}).items())
+            name: {
+                "up": c.up,
+                "down": c.down,
+                "connections": c.connections,
+                "cpu_seconds": m.cpu_seconds(),
+            }
+            for name, m, c in ((name, m, m.counts()) for name, m in (meters or {}).items())
         }
     reports = [r.to_dict() for r in aggregator_reports] + worker_reports
     # A resumed run's summary and plot cover the whole run; metrics.jsonl holds this part.
@@ -423,6 +429,14 @@ async def simulate(
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(config, events, reports, out)
     return summary
+
+
+def _stamp(event: dict[str, Any], meters: dict[str, LinkMeter] | None, root: str) -> None:
+    """Stamp an evaluation with the wall clock and, with meters, every meter's count so far."""
+    event["wall"] = round(time.time(), 3)
+    if meters is not None:
+        event["link_bytes"] = {name: m.counts().total for name, m in meters.items()}
+        event["cloud_link_bytes"] = event["link_bytes"][root]
 
 
 def _earlier_events(resume: Path) -> list[dict[str, Any]]:

@@ -50,6 +50,17 @@ async def test_the_meter_counts_what_crosses_it_each_way(
     assert counts.connections == 1
 
 
+def test_a_meter_tells_its_cpu_time_while_it_runs() -> None:
+    meter = LinkMeter("127.0.0.1", 1)
+    assert meter.cpu_seconds() is None  # not started
+    with meter:
+        used = meter.cpu_seconds()
+        if Path("/proc").is_dir():
+            assert used is not None
+            assert 0 <= used < 60
+    assert meter.cpu_seconds() is None  # stopped
+
+
 def test_a_meter_in_front_of_nothing_refuses_connections_and_keeps_running() -> None:
     with LinkMeter("127.0.0.1", 1) as meter:  # port 1: nothing listens there
         with socket.create_connection((meter.host, meter.port), timeout=5) as sock:
@@ -87,3 +98,9 @@ async def test_sim_meters_every_network_link(tmp_path: Path) -> None:
     assert len(crossed) == 3
     assert crossed == sorted(crossed)
     assert crossed[-1] <= links["cloud"]["up"] + links["cloud"]["down"]
+    # Every meter's count at each evaluation, on the wall clock; and what each meter cost.
+    assert [event["link_bytes"]["cloud"] for event in events] == crossed
+    assert all(set(event["link_bytes"]) == set(links) for event in events)
+    walls = [event["wall"] for event in events]
+    assert walls == sorted(walls)
+    assert all(link["cpu_seconds"] is None or link["cpu_seconds"] > 0 for link in links.values())
