@@ -176,10 +176,6 @@ class DownlinkWriter:
         self.retained.update(out)
         return out
 
-    def reset(self) -> None:
-        """Start a fresh stream: the next version goes out as a full model."""
-        self.reference = None
-
     def _frame(
         self,
         version: int,
