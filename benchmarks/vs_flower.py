@@ -849,6 +849,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, help="keep each run's files here")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="print RESULTS.md's tables of a saved result"
+    )
     args = parser.parse_args(argv)
     if args.workers % args.edges or args.rounds % args.tau:
         parser.error("--workers must be a multiple of --edges, --rounds of --tau")
@@ -856,8 +859,74 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def render(result: dict[str, Any]) -> str:
+    """The tables of RESULTS.md's section, from a result this script wrote."""
+    targets = [f"{t:g}" for t in result["parameters"]["target"]]
+    low, high = targets[0], targets[-1]
+    summary = result["summary"]
+    lines = [
+        f"| system | to {low} | to {high} | cloud link to {low} | all links to {high} "
+        "| all links, whole run | per device per local run | final accuracy | start-up "
+        "| meters' CPU |",
+        "|---" * 10 + "|",
+    ]
+    for system, s in summary.items():
+        lines.append(
+            f"| {system} | {_cell(s[f'seconds_to_{low}'], 's')} "
+            f"| {_cell(s[f'seconds_to_{high}'], 's')} "
+            f"| {_cell(s[f'cloud_link_bytes_to_{low}'], 'MB')} "
+            f"| {_cell(s[f'all_links_bytes_to_{high}'], 'MB')} "
+            f"| {_cell(s['all_links_bytes_run'], 'MB')} "
+            f"| {_cell(s['bytes_per_device_per_round'], 'kB')} "
+            f"| {_cell(s['final_accuracy'], '')} | {_cell(s['startup_seconds'], 's')} "
+            f"| {_cell(s['meter_cpu_share'], '%')} |"
+        )
+    lines += [
+        "",
+        f"| from | to | what changes | all links to {high} | cloud link to {low} "
+        f"| time to {high} | final accuracy |",
+        "|---" * 7 + "|",
+    ]
+    for c in result["contributions"]:
+        lines.append(
+            f"| {c['from']} | {c['to']} | {c['what']} "
+            f"| {_times(c[f'all_links_bytes_to_{high}'])} "
+            f"| {_times(c[f'cloud_link_bytes_to_{low}'])} "
+            f"| {_times(c[f'seconds_to_{high}'])} "
+            f"| {c['final_accuracy_points']:+.2f} points |"
+        )
+    lines += ["", "| target | met | measured |", "|---|---|---|"]
+    for name, verdict in result["targets"].items():
+        measured = verdict.get("measured") or verdict.get("measured_points")
+        if isinstance(measured, dict):
+            measured = _times(measured)
+        elif isinstance(measured, float):
+            measured = f"{measured:+.2f} points"
+        lines.append(f"| {name} | {'met' if verdict['met'] else '**missed**'} | {measured or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(spread: dict[str, Any], unit: str) -> str:
+    """median (min to max) in ``unit``."""
+    if spread["median"] is None:
+        return f"missed ({spread['reached']} of the seeds reached it)"
+    scale, digits = {"MB": (1e-6, 2), "kB": (1e-3, 1), "%": (100, 1), "s": (1, 1)}.get(unit, (1, 4))
+    values = [f"{spread[k] * scale:.{digits}f}" for k in ("median", "min", "max")]
+    suffix = f" {unit}" if unit and unit != "%" else unit
+    return f"{values[0]}{suffix} ({values[1]} to {values[2]})"
+
+
+def _times(ratio: dict[str, Any] | None) -> str:
+    if ratio is None or ratio["ratio"] is None:
+        return "n/a"
+    return f"{ratio['ratio']:g}x ({ratio['min']:g} to {ratio['max']:g})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render is not None:
+        print(render(json.loads(args.render.read_text())), end="")
+        return 0
     workdir = args.out or Path(tempfile.mkdtemp(prefix="hfl-vs-flower-"))
     workdir.mkdir(parents=True, exist_ok=True)
     saved_logging = structlog.get_config()
