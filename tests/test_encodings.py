@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as nps
@@ -32,7 +33,16 @@ from hfl_mqtt.codec import (
 )
 from hfl_mqtt.codec.casts import BF16_STYPE, FP16_STYPE, to_bf16
 from hfl_mqtt.codec.quantize import QUANT_STYPE, dequantize, quantize, quantized_size
-from hfl_mqtt.codec.sparsify import TOPK_HEADER, TOPK_STYPE, VALUE_CODES, topk_count
+from hfl_mqtt.codec.sparsify import (
+    ELIAS_FANO,
+    TOPK_HEADER,
+    TOPK_STYPE,
+    VALUE_CODES,
+    decode_elias_fano,
+    elias_fano_low_bits,
+    encode_elias_fano,
+    topk_count,
+)
 from hfl_mqtt.errors import CodecSpecError, EncodeError
 
 FLOATS = ("float16", "float32", "float64")
@@ -174,9 +184,12 @@ def check_cast_error(x: np.ndarray, decoded: np.ndarray, values: str) -> None:
 
 def topk_payload_indices(tensor: EncodedTensor) -> tuple[np.ndarray, int]:
     """The kept indices and value encoding code of an ``hfl.topk`` payload."""
-    n, k, code, width, _, _ = TOPK_HEADER.unpack_from(tensor.data)
+    n, k, code, coding, low_bits, _ = TOPK_HEADER.unpack_from(tensor.data)
     assert n == tensor.numel
-    gaps = np.frombuffer(tensor.data, f"<u{width}", k, TOPK_HEADER.size)
+    if coding == ELIAS_FANO:
+        body = memoryview(tensor.data)[TOPK_HEADER.size :]
+        return decode_elias_fano(body, n, k, low_bits, "t")[0].astype(np.int64), code
+    gaps = np.frombuffer(tensor.data, f"<u{coding}", k, TOPK_HEADER.size)
     return np.cumsum(gaps, dtype=np.int64), code
 
 
@@ -627,3 +640,33 @@ def test_non_numeric_dtypes_are_refused(array: np.ndarray) -> None:
 def test_bf16_refuses_nan_payloads_directly() -> None:
     with pytest.raises(EncodeError):
         to_bf16(_nan_with_payload("float32", 0x7FFFFFFF))
+
+
+# --- hfl.topk indices in Elias-Fano -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "k"),
+    [(1, 1), (2, 1), (7, 3), (42, 13), (1000, 1), (1000, 999), (1000, 1000), (115_210, 5_761),
+     (2**20, 10_486), (2**20 + 3, 7)],
+)  # fmt: skip
+def test_elias_fano_round_trips_any_sorted_indices(n: int, k: int) -> None:
+    gen = np.random.default_rng(n + k)
+    indices = np.sort(gen.choice(n, k, replace=False))
+    low_bits = elias_fano_low_bits(n, k)
+    data = encode_elias_fano(indices, n, low_bits)
+    decoded, size = decode_elias_fano(memoryview(data + b"rest"), n, k, low_bits, "t")
+    assert size == len(data)
+    np.testing.assert_array_equal(decoded, indices)
+    # At most 2 + log2(n / k) bits an index, and a byte of padding each for the two parts.
+    assert len(data) * 8 <= k * (2 + max(0.0, math.log2(n / k))) + 16 + 1
+
+
+def test_elias_fano_beats_gaps_after_zstd_at_every_density() -> None:
+    gen, n = np.random.default_rng(0), 115_210
+    squeeze = zstandard.ZstdCompressor(level=1).compress
+    for fraction in (0.01, 0.05, 0.2):
+        indices = np.sort(gen.choice(n, int(fraction * n), replace=False))
+        gaps = squeeze(np.diff(indices, prepend=0).astype("<u4").tobytes())
+        elias_fano = encode_elias_fano(indices, n, elias_fano_low_bits(n, indices.size))
+        assert len(elias_fano) < 0.85 * len(gaps), fraction

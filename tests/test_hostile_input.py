@@ -34,6 +34,7 @@ from hfl_mqtt.codec import (
 )
 from hfl_mqtt.codec.digest import digest
 from hfl_mqtt.codec.envelope import FLAG_ZSTD, FRAME, FRAME_MAGIC
+from hfl_mqtt.codec.sparsify import decode_elias_fano
 from hfl_mqtt.errors import (
     DecodeError,
     DigestMismatchError,
@@ -663,8 +664,51 @@ def widen_indices(last_gap: int) -> Callable[[bytearray], bytes]:
     return change
 
 
+def gapped(change: Callable[[bytearray], Any]) -> Callable[[bytearray], bytes]:
+    """``change`` applied to the payload with its indices re-coded as u32 gaps (the earlier
+    index coding, which decoders still read)."""
+
+    def apply(p: bytearray) -> bytes:
+        n, k, code, _, low_bits, _ = TOPK.unpack_from(p)
+        indices, size = decode_elias_fano(memoryview(bytes(p))[24:], n, k, low_bits, "t")
+        gaps = np.diff(indices.astype(np.int64), prepend=0).astype("<u4")
+        q = bytearray(TOPK.pack(n, k, code, 4, 0, 0) + gaps.tobytes() + bytes(p[24 + size :]))
+        replaced = change(q)
+        return bytes(q if replaced is None else replaced)
+
+    return apply
+
+
+def elias_fano(highs: list[int], lows: list[int]) -> Callable[[bytearray], bytes]:
+    """Replace the Elias-Fano indices by ``highs``/``lows`` as given (unchecked), keeping the
+    payload's k, n, low bit count and values."""
+
+    def apply(p: bytearray) -> bytes:
+        n, k, _, coding, low_bits, _ = TOPK.unpack_from(p)
+        assert coding == 0
+        assert len(highs) == len(lows) == k
+        size = decode_elias_fano(memoryview(bytes(p))[24:], n, k, low_bits, "t")[1]
+        low = [(v >> (low_bits - 1 - b)) & 1 for v in lows for b in range(low_bits)]
+        high = np.zeros(k + (n >> low_bits) + 1, np.uint8)
+        high[[h + i for i, h in enumerate(highs)]] = 1
+        body = np.packbits(np.array(low, np.uint8)).tobytes() + np.packbits(high).tobytes()
+        return bytes(p[:24]) + body + bytes(p[24 + size :])
+
+    return apply
+
+
+def zero_high_part(p: bytearray) -> bytes:
+    n, k, _, _, low_bits, _ = TOPK.unpack_from(p)
+    size = decode_elias_fano(memoryview(bytes(p))[24:], n, k, low_bits, "t")[1]
+    low_bytes = -(-k * low_bits // 8)
+    return bytes(p[: 24 + low_bytes]) + bytes(size - low_bytes) + bytes(p[24 + size :])
+
+
 def topk_quant_offset(p: bytearray) -> int:
-    return 24 + topk_fields(p)[1] * topk_fields(p)[3]
+    n, k, _, coding, low_bits, _ = TOPK.unpack_from(p)
+    if coding == 0:
+        return 24 + decode_elias_fano(memoryview(bytes(p))[24:], n, k, low_bits, "t")[1]
+    return 24 + k * coding
 
 
 def in_topk_values(
@@ -705,28 +749,43 @@ FORGERIES: list[tuple[str, str, str, Callable[[bytearray], Any], type[DecodeErro
     ("quant header only", "q8+zstd", "w", lambda p: p[:16], FrameError),
     ("quant 15 bytes", "q8+zstd", "w", lambda p: p[:15], FrameError),
     # hfl.topk (quantized values, and raw values)
-    ("topk index = n", "topk0.3+q4", "w", set_gap(0, 42), SchemaError),
-    ("topk repeated index", "topk0.3+q4", "w", set_gap(1, 0), SchemaError),
-    ("topk last index past n", "topk0.3+q4", "w", set_last_gap(2**32 - 1), SchemaError),
-    ("topk u64 gap 2**63", "topk0.3+q4", "w", widen_indices(2**63), SchemaError),
-    ("topk u64 gap 2**64-1", "topk0.3+q4", "w", widen_indices(2**64 - 1), SchemaError),
-    ("topk u64 gap past n", "topk0.3+q4", "w", widen_indices(40), SchemaError),
+    # ... its indices gap-coded, as earlier encoders wrote them (decoders still read them)
+    ("topk index = n", "topk0.3+q4", "w", gapped(set_gap(0, 42)), SchemaError),
+    ("topk repeated index", "topk0.3+q4", "w", gapped(set_gap(1, 0)), SchemaError),
+    ("topk last index past n", "topk0.3+q4", "w", gapped(set_last_gap(2**32 - 1)), SchemaError),
+    ("topk u64 gap 2**63", "topk0.3+q4", "w", gapped(widen_indices(2**63)), SchemaError),
+    ("topk u64 gap 2**64-1", "topk0.3+q4", "w", gapped(widen_indices(2**64 - 1)), SchemaError),
+    ("topk u64 gap past n", "topk0.3+q4", "w", gapped(widen_indices(40)), SchemaError),
+    ("topk gaps k = n + 1", "topk0.3+q4", "w", gapped(pack_at("<Q", 8, 43)), SchemaError),
+    ("topk gaps width 3", "topk0.3+q4", "w", gapped(pack_at("<B", 17, 3)), SchemaError),
+    ("topk gaps width 8 unchanged", "topk0.3+q4", "w", gapped(pack_at("<B", 17, 8)),
+     DecodeError),
+    ("topk gaps with low bits", "topk0.3+q4", "w", gapped(pack_at("<H", 18, 1)), SchemaError),
+    ("topk gaps reserved 2", "topk0.3+q4", "w", gapped(pack_at("<I", 20, 1)), SchemaError),
+    ("topk gaps values scale NaN", "topk0.3+q4", "w",
+     gapped(in_topk_values(lambda o: set_scale(math.nan, 0, o))), SchemaError),
+    ("topk gaps cut", "topk0.3+q4", "w", gapped(lambda p: p[:30]), FrameError),
+    # ... and in Elias-Fano (13 of 42 elements: 1 low bit each, 35 bits of high part)
     ("topk k = n + 1", "topk0.3+q4", "w", pack_at("<Q", 8, 43), SchemaError),
     ("topk k huge", "topk0.3+q4", "w", pack_at("<Q", 8, 2**64 - 1), SchemaError),
     ("topk k = 0", "topk0.3+q4", "w", pack_at("<Q", 8, 0), DecodeError),
     ("topk n - 1", "topk0.3+q4", "w", pack_at("<Q", 0, 41), SchemaError),
-    ("topk width 3", "topk0.3+q4", "w", pack_at("<B", 17, 3), SchemaError),
-    ("topk width 8 unchanged", "topk0.3+q4", "w", pack_at("<B", 17, 8), DecodeError),
-    ("topk width 0", "topk0.3+q4", "w", pack_at("<B", 17, 0), SchemaError),
-    ("topk reserved", "topk0.3+q4", "w", pack_at("<H", 18, 1), SchemaError),
+    ("topk coding 3", "topk0.3+q4", "w", pack_at("<B", 17, 3), SchemaError),
+    ("topk low bits 63", "topk0.3+q4", "w", pack_at("<H", 18, 63), SchemaError),
+    ("topk low bits 30", "topk0.3+q4", "w", pack_at("<H", 18, 30), FrameError),
     ("topk reserved 2", "topk0.3+q4", "w", pack_at("<I", 20, 1), SchemaError),
+    ("topk high part empty", "topk0.3+q4", "w", zero_high_part, SchemaError),
+    ("topk repeated index (EF)", "topk0.3+q4", "w",
+     elias_fano([0, 0, *range(2, 13)], [1, 1, *[0] * 11]), SchemaError),
+    ("topk last index = n (EF)", "topk0.3+q4", "w",
+     elias_fano([*range(12), 21], [0] * 13), SchemaError),
     ("topk value code 9", "topk0.3+q4", "w", pack_at("<B", 16, 9), UnsupportedError),
     ("topk raw code, quant bytes", "topk0.3+q4", "w", pack_at("<B", 16, 0), FrameError),
     ("topk values scale NaN", "topk0.3+q4", "w",
      in_topk_values(lambda o: set_scale(math.nan, 0, o)), SchemaError),
     ("topk values n wrong", "topk0.3+q4", "w", in_topk_values(lambda o: pack_at("<Q", o + 8, 12)),
      SchemaError),
-    ("topk indices cut", "topk0.3+q4", "w", lambda p: p[:30], FrameError),
+    ("topk indices cut", "topk0.3+q4", "w", lambda p: p[:27], FrameError),
     ("topk 23 bytes", "topk0.3+q4", "w", lambda p: p[:23], FrameError),
     ("topk raw value NaN", "topk0.5+npy", "w", lambda p: p.__setitem__(slice(-4, None),
      struct.pack("<f", math.nan)), NonFiniteError),
