@@ -157,6 +157,35 @@ def bench_flower(model: str, arrays: dict[str, np.ndarray], repeats: int) -> dic
     }
 
 
+TARGETS: dict[str, tuple[str, str, float]] = {
+    "fp16 ratio": ("fp16", "ratio_vs_npy", 1.99),
+    "q8 ratio": ("q8", "ratio_vs_npy", 3.9),
+    "q4 ratio": ("q4", "ratio_vs_npy", 7.5),
+    "q2 ratio": ("q2", "ratio_vs_npy", 14.0),
+    "topk0.01+q8 ratio": ("topk0.01+q8", "ratio_vs_npy", 60.0),
+    "q8+zstd encode MB/s": ("q8+zstd", "encode_mb_s", 500.0),
+    "q8+zstd decode MB/s": ("q8+zstd", "decode_mb_s", 1000.0),
+}
+"""On the largest model measured: spec, measure, the least it may be."""
+
+
+def check_targets(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each target of ``TARGETS`` on the largest model measured: met or missed, and the value."""
+    largest = max(records, key=lambda r: r["params"])["model"]
+    by_spec = {r["spec"]: r for r in records if r["model"] == largest}
+    out: dict[str, dict[str, Any]] = {}
+    for name, (spec, measure, least) in TARGETS.items():
+        row = by_spec.get(spec)
+        value = None if row is None else round(float(row[measure]), 2)
+        out[name] = {
+            "model": largest,
+            "value": value,
+            "target": f">= {least}",
+            "met": value is not None and value >= least,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="write the records as JSON to FILE")
@@ -197,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['encode_mb_s']:>10.0f}{row['decode_mb_s']:>10.0f}{row['rel_error']:>10.4f}",
                 flush=True,
             )
+    targets = check_targets(records)
+    for name, target in targets.items():
+        print(f"target {name}: {target['value']} ({target['target']}): "
+              f"{'met' if target['met'] else 'MISSED'}")  # fmt: skip
     if args.json:
         result = {
             "benchmark": "codec",
@@ -204,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "numpy": np.__version__,
             "machine": platform.machine(),
             "cpus_used": 1 if not args.all_cores else os.cpu_count(),
+            "targets": targets,
             "records": records,
         }
         with open(args.json, "w", encoding="utf8") as fh:
