@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import aggregator_bench, codec_bench, staleness_bench
+from benchmarks import aggregator_bench, codec_bench
 from tests.fakes import needs_mosquitto
 
 
@@ -61,39 +61,6 @@ def test_aggregator_bench_runs_a_real_edge_and_both_transports(tmp_path: Path) -
         assert result[key] > 0
     assert set(agg["ms_per_update"]) >= {"decode_and_check", "aggregate_fedavg"}
     assert result["machine"]["cpu_count"] >= 1
-
-
-@needs_mosquitto
-def test_staleness_bench_writes_one_record_per_mode(tmp_path: Path) -> None:
-    """Three tiny 3-level federations (sync, FedAsync, FedBuff edges) of 4 s each."""
-    out = tmp_path / "staleness.json"
-    argv = ["--edges", "2", "--workers-per-edge", "2", "--budget-s", "4", "--compute-s", "0.02"]
-    argv += ["--target", "0.5", "--buffer-size", "2", "--report-every", "4"]
-    assert staleness_bench.main([*argv, "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["benchmark"] == "staleness"
-    assert result["budget_s"] == 4
-    assert result["target_accuracy"] == 0.5
-    records = result["records"]
-    assert [r["mode"] for r in records] == ["sync", "fedasync", "fedbuff"]
-    for r in records:
-        assert {"mode", "seconds_to_target", "final_accuracy", "staleness", "bytes"} <= set(r)
-        assert r["seconds_to_target"] is None or 0 < r["seconds_to_target"] <= 4 + 1
-        assert 0 <= r["final_accuracy"] <= 1
-        assert list(r["staleness"]) == ["cloud", "edge"]
-        for level in r["staleness"].values():
-            assert {"mean", "p95", "max"} <= set(level)
-            assert level["count"] > 0
-            assert 0 <= level["mean"] <= level["max"]
-            assert level["p95"] <= level["max"]
-        assert set(r["bytes"]) == {"cloud", "edge", "worker", "total"}
-        assert r["bytes"]["total"] == sum(
-            v["up"] + v["down"] for k, v in r["bytes"].items() if k != "total"
-        )
-        assert r["bytes"]["worker"]["up"] > 0
-    # Synchronous rounds are never stale; the asynchronous edges take late updates.
-    assert records[0]["staleness"]["edge"]["max"] == 0
-    assert records[1]["staleness"]["edge"]["max"] > 0
 
 
 @needs_mosquitto
