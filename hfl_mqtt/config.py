@@ -213,6 +213,14 @@ class RoundConfig(_Frozen):
     ``report_every_s``, whichever comes first). Neither set: every len(children) updates."""
     report_every_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """Asynchronous, not the root: report up at least this often (if anything was folded)."""
+    publish_every_steps: Count = 1
+    """Asynchronous: publish a new version after every this many steps (FedBuff's buffer
+    steps, FedAsync's folds) rather than after each. Every version goes to every child, and a
+    child trains on the newest one it holds when its run ends, so the versions published
+    between two of its runs are bytes it never trains on. Staleness counts published versions."""
+    publish_on_rebase: bool = True
+    """Asynchronous, not the root: publish the rebased model as soon as the parent's new model
+    arrives (a version of its own); False: it goes out with the next step's version."""
     eval_every: Count = 1
     """Asynchronous root: evaluate every this many model versions."""
     max_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
@@ -226,6 +234,15 @@ class RoundConfig(_Frozen):
     on at a version beyond them. See docs/durability.md."""
     keep_models: Annotated[int, Field(ge=0)] = 5
     """At the root: the last this many evaluated models kept in ``models/`` (and the best)."""
+
+    @model_validator(mode="after")
+    def _publishing_is_async(self) -> RoundConfig:
+        if self.mode == "sync" and (self.publish_every_steps != 1 or not self.publish_on_rebase):
+            raise ValueError(
+                "publish_every_steps and publish_on_rebase apply to mode: fedasync or fedbuff "
+                "(a synchronous round publishes one version a round)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _flower_strategy_fits(self) -> RoundConfig:

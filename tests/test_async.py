@@ -384,6 +384,64 @@ async def test_the_asynchronous_root_stops_after_its_versions() -> None:
         assert [e["version"] for e in report.evaluations] == [3, 4]
 
 
+async def test_a_version_is_published_every_few_steps() -> None:
+    """FedBuff (K=1) at an edge, publishing every 2 steps: the step in between changes the
+    model, not the version, and an update against the published version is not stale."""
+    async with running_aggregator(
+        "edge",
+        ["a", "b"],
+        parent="cloud",
+        mode="fedbuff",
+        buffer_size=1,
+        staleness=StalenessFunction(function="constant"),
+        report_every_updates=100,
+        publish_every_steps=2,
+    ) as run:
+        await run.peers["cloud"].publish_model(W0)
+        v1 = await run.model("a")
+        await run.model("b")
+        await run.peers["a"].answer(v1, filled(W0, 1.0))
+        await until(lambda: run.report.updates_accepted >= 1)
+        await run.settle()
+        assert run.peers["a"].pending() == []  # one step: nothing published
+        await run.peers["b"].answer(v1, filled(W0, 2.0))
+        v2 = await run.model("a")
+        assert v2.header.version == 2
+        assert v2.header.metrics["updates"] == 2
+        assert_model(v2.arrays, shifted(W0, 3.0), tol=1e-6)
+        assert [a.staleness for a in run.report.arrivals] == [0, 0]
+        assert run.report.rounds == 2
+
+
+async def test_a_rebase_can_wait_for_the_next_step() -> None:
+    """With publish_on_rebase off, the parent's new model goes down with the next step."""
+    async with running_aggregator(
+        "edge",
+        ["a"],
+        parent="cloud",
+        mode="fedbuff",
+        buffer_size=1,
+        staleness=StalenessFunction(function="constant"),
+        report_every_updates=1,
+        publish_on_rebase=False,
+    ) as run:
+        cloud = run.peers["cloud"]
+        await cloud.publish_model(W0)
+        v1 = await run.model("a")  # the first model always goes down at once
+        await run.peers["a"].answer(v1, filled(W0, 1.0))
+        v2 = await run.model("a")
+        _, report = await cloud.next_message()
+        assert_model(report.arrays, filled(W0, 1.0), tol=1e-6)
+        await cloud.publish_model(shifted(W0, 10.0), participants="edge")
+        await run.settle()
+        assert run.peers["a"].pending() == []  # rebased, not published
+        await run.peers["a"].answer(v2, filled(W0, 2.0))
+        v3 = await run.model("a")
+        assert v3.header.version == 3
+        assert v3.header.metrics["parent_version"] == 2
+        assert_model(v3.arrays, shifted(W0, 12.0), tol=1e-6)
+
+
 # --- duplicated deliveries ------------------------------------------------------------------
 
 deliveries = st.lists(

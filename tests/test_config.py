@@ -363,3 +363,10 @@ def test_node_config_is_frozen() -> None:
     node = NodeConfig.model_validate(WORKER)
     with pytest.raises(ValueError, match="frozen"):
         node.partition = 3
+
+
+@pytest.mark.parametrize("setting", [{"publish_every_steps": 2}, {"publish_on_rebase": False}])
+def test_publishing_settings_are_for_asynchronous_levels(setting: dict[str, object]) -> None:
+    LevelConfig.model_validate({"name": "edge", "mode": "fedbuff", **setting})
+    with pytest.raises(ValueError, match="apply to mode: fedasync or fedbuff"):
+        LevelConfig.model_validate({"name": "edge", **setting})

@@ -3,22 +3,25 @@
 There are no rounds. Each update is checked on arrival like a synchronous one, then measured:
 its staleness is this aggregator's version minus the version it was computed against. Updates
 more than ``max_staleness`` versions behind are refused (``too_stale``). FedAsync folds every
-update in at once; FedBuff buffers ``buffer_size`` of them and then steps. Every step is a new
-version, published retained (workers under an asynchronous parent send late results instead of
-dropping them, and then train on the newest model).
+update in at once; FedBuff buffers ``buffer_size`` of them and then steps. Every
+``publish_every_steps`` steps (by default every step) make a new version, published retained
+(workers under an asynchronous parent send late results instead of dropping them, and then
+train on the newest model they hold); the steps in between change the model, not the version.
 
 A non-root aggregator reports ``x - anchor`` to its parent on a schedule: every
 ``report_every_updates`` folded updates, every ``report_every_s`` seconds, or whichever comes
 first; under a synchronous parent at most once per parent version (the parent would refuse a
 second report in its round). A new parent model is rebased onto at once (``aggregator_base``);
-updates waiting in a FedBuff buffer stay there and go into the next step. The root evaluates
-every ``eval_every`` versions and stops after ``rounds`` versions (or ``max_seconds``).
+updates waiting in a FedBuff buffer stay there and go into the next step. The rebased model is
+published at once, or with ``publish_on_rebase`` off, with the next step's version. The root
+evaluates every ``eval_every`` steps and stops after ``rounds`` steps (or ``max_seconds``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from hfl_mqtt.aggregation.base import AsyncStrategy, Model, Update
@@ -72,6 +75,7 @@ class AsyncAggregator(AggregatorBase):
         self._buffered: list[Update] = []
         """What the strategy holds and has not stepped with yet (tensors dropped), to count
         once it is folded."""
+        self._unpublished = _Unpublished()
 
     # --- versions -------------------------------------------------------------------------------
 
@@ -79,6 +83,7 @@ class AsyncAggregator(AggregatorBase):
         await self._new_version({})
 
     async def _new_version(self, metrics: dict[str, float | int | str | bool]) -> None:
+        self._unpublished = _Unpublished()
         await self._publish_model(metrics)
         assert self.model is not None
         self.strategy.versioned(self.version, self.model)
@@ -93,6 +98,10 @@ class AsyncAggregator(AggregatorBase):
                 parent_version=header.version,
                 buffered=self.strategy.pending,
             )
+            if not self.rounds_config.publish_on_rebase:
+                self._unpublished.rebased = True  # out with the next step's version
+                await self._maybe_report()
+                return
         await self._new_version({})
         await self._maybe_report()
 
@@ -168,7 +177,11 @@ class AsyncAggregator(AggregatorBase):
     async def _stepped(self, updates: int) -> None:
         """A new model: publish it; the root evaluates or stops, others may report."""
         self.report.rounds += 1
-        await self._new_version({"updates": updates})
+        pending = self._unpublished
+        pending.steps += 1
+        pending.updates += updates
+        if pending.rebased or pending.steps >= self.rounds_config.publish_every_steps:
+            await self._new_version({"updates": pending.updates})
         if self.is_root:
             if self.report.rounds % self.rounds_config.eval_every == 0:
                 recent = self._folded_updates
@@ -226,6 +239,16 @@ def async_strategy(config: RoundConfig) -> AsyncStrategy:
             weight_by_examples=config.weight_by_examples,
         )
     raise ValueError(f"mode {config.mode!r} is not asynchronous")
+
+
+@dataclass(slots=True)
+class _Unpublished:
+    """What changed the model since the last published version."""
+
+    steps: int = 0
+    updates: int = 0
+    rebased: bool = False
+    """Onto a new parent model (with ``publish_on_rebase`` off)."""
 
 
 def _without_tensors(update: Update) -> Update:
