@@ -91,18 +91,40 @@ def modes_of(args: argparse.Namespace) -> list[str]:
 
 def edge_level(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """The edge level's config of ``mode`` (``sync-all``, ``sync-dD-fF``, an async mode)."""
-    edge: dict[str, Any] = {"name": "edge", "uplink_codec": "q8", "downlink_codec": "fp16"}
+    edge: dict[str, Any] = {"name": "edge", "uplink_codec": "q8"} | downlink(args)
     if mode == "sync-all":
         return edge | {"rounds": 2, "deadline_s": 120, "min_fraction": 1.0}
     if mode.startswith("sync-d"):
         deadline, fraction = mode.removeprefix("sync-d").split("-f")
         return edge | {"rounds": 2, "deadline_s": float(deadline), "min_fraction": float(fraction)}
-    edge |= {"mode": mode, "report_every_updates": args.report_every}
+    edge |= {
+        "mode": mode,
+        "report_every_updates": args.report_every,
+        "publish_every_steps": args.publish_every_steps,
+        "publish_on_rebase": args.publish_on_rebase,
+    }
+    if args.staleness is not None:
+        edge["staleness"] = {"function": args.staleness}
     # A straggler's update is ~20 FedBuff steps behind, ~100 FedAsync ones (every update is
     # a version): bounds that take stragglers in (weighted down) rather than drop them.
     if mode == "fedbuff":
-        return edge | {"buffer_size": args.buffer_size, "max_staleness": 40}
-    return edge | {"mixing": args.mixing, "max_staleness": 150}
+        return edge | {
+            "buffer_size": args.buffer_size,
+            "server_lr": args.server_lr,
+            "max_staleness": args.max_staleness or 40,
+        }
+    return edge | {"mixing": args.mixing, "max_staleness": args.max_staleness or 150}
+
+
+def downlink(args: argparse.Namespace) -> dict[str, Any]:
+    """How the cloud and the edges send their models down, the same in every mode."""
+    if args.downlink_delta_codec is None:
+        return {"downlink_codec": "fp16"}
+    return {
+        "downlink_codec": "fp16",
+        "downlink_delta_codec": args.downlink_delta_codec,
+        "keyframe_every": args.keyframe_every,
+    }
 
 
 def federation(mode: str, seed: int, args: argparse.Namespace) -> FederationConfig:
@@ -110,13 +132,15 @@ def federation(mode: str, seed: int, args: argparse.Namespace) -> FederationConf
     return FederationConfig(
         federation=f"staleness-{mode.split('-', maxsplit=1)[0]}",
         levels=[
-            LevelConfig(
-                name="cloud",
-                rounds=100_000,
-                max_seconds=args.budget_s,
-                deadline_s=120,
-                min_fraction=1.0,
-                downlink_codec="fp16",
+            LevelConfig.model_validate(
+                {
+                    "name": "cloud",
+                    "rounds": 100_000,
+                    "max_seconds": args.budget_s,
+                    "deadline_s": 120,
+                    "min_fraction": 1.0,
+                }
+                | downlink(args)
             ),
             LevelConfig.model_validate(edge_level(mode, args)),
             LevelConfig(name="worker", uplink_codec="q8"),
@@ -442,6 +466,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--buffer-size", type=int, default=4, help="FedBuff's K")
     parser.add_argument("--mixing", type=float, default=0.5, help="FedAsync's a")
     parser.add_argument("--report-every", type=int, default=8, help="async edges report after")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="FedBuff's server step")
+    parser.add_argument("--max-staleness", type=int, help="default: 40 FedBuff, 150 FedAsync")
+    parser.add_argument("--staleness", help="staleness function (default: the mode's)")
+    parser.add_argument(
+        "--publish-every-steps", type=int, default=1, help="async edges: a version every N steps"
+    )
+    parser.add_argument(
+        "--publish-on-rebase",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="async edges: publish a rebased model at once (else with the next step)",
+    )
+    parser.add_argument(
+        "--downlink-delta-codec", help="every mode: models down as deltas in this codec"
+    )
+    parser.add_argument("--keyframe-every", type=int, default=20, help="with delta coding")
     parser.add_argument("--proximal-mu", type=float, default=0.0)
     parser.add_argument("--processes", type=int, default=None, help="worker processes")
     parser.add_argument("--out", type=Path, help="keep each run's files here")
