@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from benchmarks import aggregator_bench, codec_bench
 from tests.fakes import needs_mosquitto
 
@@ -61,35 +59,6 @@ def test_aggregator_bench_runs_a_real_edge_and_both_transports(tmp_path: Path) -
         assert result[key] > 0
     assert set(agg["ms_per_update"]) >= {"decode_and_check", "aggregate_fedavg"}
     assert result["machine"]["cpu_count"] >= 1
-
-
-@needs_mosquitto
-def test_vs_flower_writes_one_record_per_system(tmp_path: Path) -> None:
-    """Flat Flower and hfl-mqtt on a tiny softmax task: the schema, and both links metered."""
-    pytest.importorskip("flwr")
-    from benchmarks import vs_flower
-
-    out = tmp_path / "vs_flower.json"
-    argv = ["--models", "softmax", "--workers", "4", "--edges", "2", "--rounds", "4"]
-    argv += ["--target", "0.3", "--processes", "1", "--json", str(out)]
-    assert vs_flower.main(argv) == 0
-    result = json.loads(out.read_text())
-    records = result["records"]
-    assert [r["system"] for r in records] == ["flower", "hfl-mqtt"]
-    for r in records:
-        assert {
-            "system",
-            "cloud_link_bytes",
-            "total_bytes",
-            "seconds_to_target",
-            "final_accuracy",
-            "rounds",
-        } <= set(r)
-        assert 0 < r["cloud_link_bytes"] <= r["cloud_link_bytes_run"] <= r["total_bytes"]
-        assert 0.3 <= r["final_accuracy"] <= 1
-    assert records[0]["rounds"] == 4
-    assert records[1]["rounds"] == 2  # tau 2
-    assert result["comparisons"][0]["cloud_link_bytes_ratio"] > 1
 
 
 @needs_mosquitto
