@@ -204,14 +204,19 @@ def record(
 ) -> dict[str, Any]:
     accuracies = [e["accuracy"] for e in events]
     at = reached_at(accuracies, target)
-    wire = [sum(e["link_bytes"].values()) for e in events]
-    bytes_total = sum(link["up"] + link["down"] for link in summary["links"].values())
+    # Without meters (--no-meter): the payload the nodes published, as the root last heard it.
+    links = summary.get("links")
+    wire = [sum(e["link_bytes"].values()) if links else e["tree_bytes"] for e in events]
+    if links:
+        bytes_total = sum(link["up"] + link["down"] for link in links.values())
+    else:
+        bytes_total = summary["total_bytes"]
     final = summary["final_accuracy"]
     staleness = {
         level: {key: stats[key] for key in ("count", "mean", "p95", "max", "weight_mean")}
         for level, stats in summary["staleness"].items()
     }
-    meter_cpu = [link["cpu_seconds"] for link in summary["links"].values()]
+    meter_cpu = [link["cpu_seconds"] for link in (links or {}).values()] or [0.0]
     return {
         "mode": mode,
         "family": mode.split("-", maxsplit=1)[0],
@@ -223,6 +228,7 @@ def record(
         "final_accuracy": final,
         "best_accuracy": max(accuracies, default=None),
         "bytes_total": bytes_total,
+        "bytes_measured": "wire" if links else "payload",
         "accuracy_per_mb": round(final / (bytes_total / 1e6), 5) if final and bytes_total else None,
         "payload_bytes": summary["bytes"] | {"total": summary["total_bytes"]},
         "cloud_rounds": summary["global_rounds"],
@@ -245,9 +251,10 @@ def run_mode(
 ) -> dict[str, Any]:
     config = federation(mode, seed, args)
     launched = time.time()
-    summary = asyncio.run(
-        simulate(config, out, log_level=logging.ERROR, meter_links=True, processes=args.processes)
+    running = simulate(
+        config, out, log_level=logging.ERROR, meter_links=args.meter, processes=args.processes
     )
+    summary = asyncio.run(running)
     events = read_evaluations(out / "metrics.jsonl")
     start = clock_start(out / "metrics.jsonl", config, events)
     result = record(mode, seed, order, summary, events, start, launched, args.target)
@@ -484,6 +491,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keyframe-every", type=int, default=20, help="with delta coding")
     parser.add_argument("--proximal-mu", type=float, default=0.0)
     parser.add_argument("--processes", type=int, default=None, help="worker processes")
+    parser.add_argument(
+        "--meter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bytes on the wire (else: payload bytes, as the root heard of them)",
+    )
     parser.add_argument("--out", type=Path, help="keep each run's files here")
     return parser.parse_args(argv)
 

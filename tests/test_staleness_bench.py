@@ -86,6 +86,36 @@ def test_a_target_is_missed_when_async_misses_a_seed_or_sends_more() -> None:
     assert not targets[next(k for k in targets if k.startswith("issue 12"))]["met"]
 
 
+@pytest.mark.parametrize("metered", [True, False])
+def test_a_record_counts_wire_bytes_or_else_payload(metered: bool) -> None:
+    events = [
+        {"accuracy": a, "wall": 100.0 + i, "tree_bytes": 10 * (i + 1)}
+        | ({"link_bytes": {"cloud": 1000 * (i + 1)}} if metered else {})
+        for i, a in enumerate([0.5, 0.91, 0.92, 0.93, 0.94])
+    ]
+    stats = {"count": 1, "mean": 0.0, "p95": 0.0, "max": 0, "weight_mean": 1.0}
+    summary: dict[str, Any] = {
+        "final_accuracy": 0.94,
+        "total_bytes": 50,
+        "bytes": {"edge": {"up": 20, "down": 30}},
+        "global_rounds": 5,
+        "staleness": {"edge": stats},
+        "updates_accepted": 9,
+        "updates_rejected": {},
+        "wall_seconds": 6.0,
+    }
+    if metered:
+        summary["links"] = {"cloud": {"up": 2000, "down": 3000, "cpu_seconds": 0.5}}
+    r = staleness_bench.record("fedbuff", 0, 0, summary, events, 99.5, 98.0, 0.9)
+    assert r["seconds_to_target"] == 1.5  # the second evaluation, held for 3 more
+    assert r["evaluations_to_target"] == 2
+    assert r["bytes_to_target"] == (2000 if metered else 20)
+    assert r["bytes_total"] == (5000 if metered else 50)
+    assert r["bytes_measured"] == ("wire" if metered else "payload")
+    assert r["accuracy_per_mb"] == round(0.94 / (r["bytes_total"] / 1e6), 5)
+    assert r["startup_seconds"] == 1.5
+
+
 @needs_mosquitto
 def test_staleness_bench_writes_records_sync_best_and_targets(tmp_path: Path) -> None:
     """One seed of three tiny 3-level federations (a 1-point sync grid, FedAsync, FedBuff)."""
