@@ -53,30 +53,17 @@ from typing import Any
 
 import structlog
 
+from benchmarks.time_to_target import STAYS_FOR, reached_at
 from hfl_mqtt.config import FederationConfig, HeterogeneityConfig, LevelConfig
 from hfl_mqtt.sim import configure_logging, read_evaluations, simulate
 from hfl_mqtt.tasks.base import TaskConfig
 from hfl_mqtt.topics import status_topic
 
 ASYNC_MODES = ("fedasync", "fedbuff")
-STAYS_FOR = 3
-"""Evaluations after the first one at the target that must stay at or above it."""
 TARGET_SPEEDUP = 2.5
 """An asynchronous mode's time to target against ``sync_best`` (the FedBuff paper: 3.3x)."""
 ACCURACY_POINTS = 1.0
 """An asynchronous mode's final accuracy no more than this many points below ``sync_best``'s."""
-
-
-def reached_at(
-    accuracies: Sequence[float], target: float, stays_for: int = STAYS_FOR
-) -> int | None:
-    """Index of the first evaluation at or above ``target`` whose next ``stays_for`` evaluations
-    are too; None if there is none. A run that touches the target and falls back has not reached
-    it; a run must go on ``stays_for`` evaluations after it to be counted at all."""
-    for at in range(len(accuracies) - stays_for):
-        if all(a >= target for a in accuracies[at : at + stays_for + 1]):
-            return at
-    return None
 
 
 def sync_modes(args: argparse.Namespace) -> list[str]:

@@ -74,6 +74,7 @@ from typing import Any
 
 import structlog
 
+from benchmarks.time_to_target import STAYS_FOR, reached_at
 from hfl_mqtt.brokers import free_port
 from hfl_mqtt.config import FederationConfig, LevelConfig
 from hfl_mqtt.linkmeter import LinkMeter
@@ -87,22 +88,6 @@ ALL_LINKS_TARGET = (0.93, 20.0)
 """All-links bytes to 0.93: flat Flower over hfl-mqtt, at least 20x (issue 12, section 2)."""
 ACCURACY_POINTS = 1.0
 """hfl-mqtt's final accuracy no more than this many points below flat Flower's."""
-
-STAYS_FOR = 3
-"""Evaluations after the first one at the target that must stay at or above it."""
-
-
-def reached_at(
-    accuracies: Sequence[float], target: float, stays_for: int = STAYS_FOR
-) -> int | None:
-    """Index of the first evaluation at or above ``target`` whose next ``stays_for`` evaluations
-    are too; None if there is none. A run that touches the target and falls back has not reached
-    it, and the first evaluation at the target alone would favour whatever evaluates more often;
-    a run must go on ``stays_for`` evaluations after it to be counted at all."""
-    for at in range(len(accuracies) - stays_for):
-        if all(a >= target for a in accuracies[at : at + stays_for + 1]):
-            return at
-    return None
 
 
 @dataclass(frozen=True, slots=True)
