@@ -53,7 +53,10 @@ from typing import Any
 
 import structlog
 
-from benchmarks.time_to_target import STAYS_FOR, reached_at
+try:  # run as a module (tests) or as a script (python benchmarks/...)
+    from benchmarks.time_to_target import STAYS_FOR, reached_at
+except ImportError:
+    from time_to_target import STAYS_FOR, reached_at  # type: ignore[no-redef,import-not-found]
 from hfl_mqtt.config import FederationConfig, HeterogeneityConfig, LevelConfig
 from hfl_mqtt.sim import configure_logging, read_evaluations, simulate
 from hfl_mqtt.tasks.base import TaskConfig

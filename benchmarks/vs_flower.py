@@ -74,7 +74,10 @@ from typing import Any
 
 import structlog
 
-from benchmarks.time_to_target import STAYS_FOR, reached_at
+try:  # run as a module (tests) or as a script (python benchmarks/...)
+    from benchmarks.time_to_target import STAYS_FOR, reached_at
+except ImportError:
+    from time_to_target import STAYS_FOR, reached_at  # type: ignore[no-redef,import-not-found]
 from hfl_mqtt.brokers import free_port
 from hfl_mqtt.config import FederationConfig, LevelConfig
 from hfl_mqtt.linkmeter import LinkMeter
