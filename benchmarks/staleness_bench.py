@@ -13,9 +13,10 @@ participations (``--min-fractions``), HierFAVG with tau 2 in every case. The bes
 (``sync_best``: every seed reached the target, then the lowest median time to it) is the
 baseline every speedup is against.
 
-**Clocks** start at the first dispatch of round 1 with every worker connected: the later of the
-root's start (it publishes its first model at once, retained) and the last worker's first
-"online" status. Start-up is reported apart (``startup_seconds``).
+**Clocks** start at the first dispatch of round 1 with every worker connected: the simulator
+starts the aggregators only once every worker is connected (``workers_first``), and the clock
+starts at the later of the root's start (it publishes its first model at once, retained) and the
+last worker's first "online" status. Start-up is reported apart (``startup_seconds``).
 
 **Time to target** is the first evaluation at or above ``--target`` whose next ``STAYS_FOR``
 evaluations are too (``reached_at``): a mode that evaluates more often gains nothing from one
@@ -242,7 +243,12 @@ def run_mode(
     config = federation(mode, seed, args)
     launched = time.time()
     running = simulate(
-        config, out, log_level=logging.ERROR, meter_links=args.meter, processes=args.processes
+        config,
+        out,
+        log_level=logging.ERROR,
+        meter_links=args.meter,
+        processes=args.processes,
+        workers_first=True,
     )
     summary = asyncio.run(running)
     events = read_evaluations(out / "metrics.jsonl")

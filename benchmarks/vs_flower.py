@@ -31,9 +31,9 @@ root evaluates.
 **Clocks** start at the same event for every system: the first dispatch of round 1 with every
 client connected. For Flower, the cloud strategy's ``configure_fit`` of round 1, which returns
 once ``min_available_clients`` are connected (a tree's edges connect upwards only once their
-workers have). For hfl-mqtt, the later of the root's start (it publishes its first model at
-once, retained) and the last worker's first "online" status (published when it connects, just
-before it subscribes and takes the retained model). Start-up (processes, brokers, meters,
+workers have). For hfl-mqtt, whose simulator starts the aggregators only once every worker is
+connected (``workers_first``), the later of the root's start (it publishes its first model at
+once, retained) and the last worker's first "online" status. Start-up (processes, brokers, meters,
 connections) is reported apart (``startup_seconds``).
 
 **Time to target** is the first evaluation at or above the target that stays there for the next
@@ -503,7 +503,14 @@ def run_hfl(args: argparse.Namespace, seed: int, workdir: Path, codecs: Codecs |
     out = workdir / f"hfl-{'flat' if codecs is None else 'tree'}-{seed}"
     cpu_before, launched = _cpu_seconds(), time.time()
     summary = asyncio.run(
-        simulate(config, out, processes=args.processes, log_level=logging.ERROR, meter_links=True)
+        simulate(
+            config,
+            out,
+            processes=args.processes,
+            log_level=logging.ERROR,
+            meter_links=True,
+            workers_first=True,
+        )
     )
     ended = time.time()
     cpu = _cpu_seconds() - cpu_before

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from queue import Queue
 from typing import Any, TextIO
 
 import structlog
@@ -98,14 +100,24 @@ class Progress:
         self.stream.flush()
 
 
-def _run_worker_group(configs: list[str], log_level: int) -> list[dict[str, Any]]:
-    """Entry point of a worker process: run its workers until they are told to stop."""
+def _run_worker_group(
+    configs: list[str], log_level: int, ready: Queue[int] | None = None
+) -> list[dict[str, Any]]:
+    """Entry point of a worker process: run its workers until they are told to stop; put
+    their number on ``ready`` once every one of them is connected."""
     configure_logging(log_level)
     nodes = [NodeConfig.model_validate_json(text) for text in configs]
+    waiting = len(nodes)
+
+    def connected() -> None:
+        nonlocal waiting
+        waiting -= 1
+        if waiting == 0 and ready is not None:
+            ready.put(len(nodes))
 
     async def run_all() -> list[NodeReport]:
         async with asyncio.TaskGroup() as tasks:
-            running = [tasks.create_task(run_node(node)) for node in nodes]
+            running = [tasks.create_task(run_node(node, connected=connected)) for node in nodes]
         return [task.result() for task in running]
 
     return [report.to_dict() for report in asyncio.run(run_all())]
@@ -280,21 +292,30 @@ async def _run_nodes(
     log_level: int,
     on_event: EventCallback,
     checkpoints: Checkpoints,
+    workers_first: bool = False,
 ) -> tuple[list[NodeReport], list[dict[str, Any]]]:
     """Run the aggregators here and the workers in ``groups`` processes, until all have ended
-    (or one has failed: then the others are stopped)."""
+    (or one has failed: then the others are stopped). ``workers_first``: start the aggregators
+    once every worker is connected."""
     workers = [n for n in nodes if n.role == "worker"]
     aggregators = [n for n in nodes if n.role != "worker"]
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(groups, mp_context=context) as pool:
+    # The manager outlives the pool: its worker processes hold proxies of its queue.
+    with (
+        context.Manager() if workers_first else contextlib.nullcontext() as manager,
+        ProcessPoolExecutor(groups, mp_context=context) as pool,
+    ):
+        ready = manager.Queue() if manager is not None else None
         shares = [workers[i::groups] for i in range(groups)]
         worker_runs = [
             loop.run_in_executor(
-                pool, _run_worker_group, [w.model_dump_json() for w in share], log_level
+                pool, _run_worker_group, [w.model_dump_json() for w in share], log_level, ready
             )
             for share in shares
         ]
+        if ready is not None:
+            await _workers_connected(ready, len(workers), worker_runs)
         aggregator_tasks = [
             asyncio.ensure_future(run_node(n, on_event=on_event, checkpoints=checkpoints))
             for n in aggregators
@@ -322,6 +343,17 @@ async def _run_nodes(
     return aggregator_reports, worker_reports
 
 
+async def _workers_connected(
+    ready: Queue[int], workers: int, runs: list[asyncio.Future[Any]]
+) -> None:
+    """Wait until ``workers`` are connected (the groups' counts on ``ready``), or a group ended
+    first (it failed: its error surfaces where the runs are awaited)."""
+    connected = 0
+    while connected < workers and not any(run.done() for run in runs):
+        with contextlib.suppress(queue.Empty):
+            connected += await asyncio.to_thread(ready.get, True, 0.2)
+
+
 async def simulate(
     config: FederationConfig,
     out: Path,
@@ -333,6 +365,7 @@ async def simulate(
     resume: Path | None = None,
     on_node_message: MessageCallback | None = None,
     watcher: NodeWatcher | None = None,
+    workers_first: bool = False,
 ) -> dict[str, Any]:
     """Run ``config`` to the end; write ``out/summary.json``, ``metrics.jsonl``, the plot.
 
@@ -346,6 +379,8 @@ async def simulate(
     meter's CPU seconds), and in every evaluation ``link_bytes`` (each meter's count, by the
     node whose broker it fronts) and ``cloud_link_bytes`` (the links into the root's broker).
     Every evaluation carries its wall-clock time (``wall``), to line it up with other clocks.
+    With ``workers_first``, the aggregators start only once every worker is connected, so the
+    root's first model goes out to the whole federation (one start for every mode's clock).
 
     The nodes' status and metrics messages go to ``metrics.jsonl`` too, and to
     ``on_node_message`` (topic, payload, wall time) if given: a dashboard's view. A ``watcher``
@@ -408,7 +443,12 @@ async def simulate(
                 )
                 await watching.enter_async_context(watch)
             aggregator_reports, worker_reports = await _run_nodes(
-                nodes, groups, log_level, on_event, "fresh" if resume is None else "resume"
+                nodes,
+                groups,
+                log_level,
+                on_event,
+                "fresh" if resume is None else "resume",
+                workers_first,
             )
         links = {
             name: {

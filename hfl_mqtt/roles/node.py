@@ -78,6 +78,7 @@ async def run_node(
     task: Task | None = None,
     stop: asyncio.Event | None = None,
     checkpoints: Checkpoints | None = None,
+    connected: Callable[[], None] | None = None,
 ) -> NodeReport:
     """Connect, serve in the node's role until told to stop (or done, at the root).
 
@@ -86,7 +87,8 @@ async def run_node(
     delta being sent is sent, the status goes offline, and the children are not stopped.
     ``checkpoints`` (aggregators): by default ``resume`` if the config names a ``state_dir``,
     else ``off``; a checkpoint that cannot be resumed from fails here, before connecting
-    (``CheckpointError``).
+    (``CheckpointError``). ``connected`` is called once the node's links are up (its status
+    says online), before it serves.
     """
     make = links or mqtt_link_factory(config.chunk_size)
     make_fallback = links or mqtt_link_factory(
@@ -119,6 +121,9 @@ async def run_node(
                 down_status = status if up is None else None
                 client_id = config.node if up is None else f"{config.node}.down"
                 down = await _enter(stack, make(config.downstream.broker, client_id, down_status))
+
+        if connected is not None:
+            connected()
 
         def open_link(broker: BrokerAddress) -> LinkBase:
             """A link to a fallback parent's broker, with the node's status there too."""
