@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,sim,torch,flower,embedded,plan,monitor]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,sim,torch,flower,embedded,plan,monitor,privacy,dpsgd]"
 	touch $@
 
 demo: $(STAMP)

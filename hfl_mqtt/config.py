@@ -45,6 +45,8 @@ from pydantic import (
 )
 
 from hfl_mqtt.aggregation.flower_strategy import FlowerStrategyConfig
+from hfl_mqtt.aggregation.privacy import CentralPrivacy, LocalPrivacy
+from hfl_mqtt.aggregation.robust import RobustRule
 from hfl_mqtt.aggregation.staleness import StalenessFunction
 from hfl_mqtt.codec.spec import parse_spec
 from hfl_mqtt.deployment import DeploymentConfig
@@ -228,6 +230,12 @@ class RoundConfig(_Frozen):
     flower_strategy: FlowerStrategyConfig | None = None
     """sync: aggregate with a Flower strategy instead of FedAvg: ``name`` (in
     ``flwr.server.strategy``) or ``class`` (``module:Class``), and ``options``."""
+    robust: RobustRule | None = None
+    """sync: aggregate with a robust rule instead of FedAvg (``median``, ``trimmed_mean``,
+    ``clipped_mean``): see docs/robustness.md."""
+    privacy: CentralPrivacy | None = None
+    """sync: central differential privacy: clip every child's delta, noise the sum (DP-FedAvg,
+    optionally with adaptive clipping): see docs/privacy.md."""
     checkpoint_every: Count = 1
     """Write a checkpoint before publishing every this many model versions (and after every
     report up, and at a clean stop); a resume from a checkpoint between two such versions goes
@@ -254,6 +262,19 @@ class RoundConfig(_Frozen):
                     "server_lr does not apply with flower_strategy: give the strategy's own "
                     "(e.g. FedAdam's eta, FedAvgM's server_learning_rate) in its options"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _one_aggregation_rule(self) -> RoundConfig:
+        chosen = [
+            name
+            for name in ("flower_strategy", "robust", "privacy")
+            if getattr(self, name) is not None
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} exclude each other: one aggregation rule")
+        if chosen and chosen[0] != "flower_strategy" and self.mode != "sync":
+            raise ValueError(f"{chosen[0]} works with mode: sync only (rounds of deltas)")
         return self
 
     def min_count(self, children: int) -> int:
@@ -298,6 +319,9 @@ class UpstreamConfig(_Frozen):
     codec: Codec = "q8"
     """How this node's deltas travel up."""
     error_feedback: bool = False
+    local_privacy: LocalPrivacy | None = None
+    """A worker's local differential privacy: its delta is clipped and noised before it is
+    encoded (docs/privacy.md)."""
     fallbacks: Annotated[list[FallbackParent], BeforeValidator(_ids_as_fallbacks)] = []
     """Parents to move to, in order, when ``parent`` goes offline: ids (on this node's broker)
     or ``{parent: ID, broker: {...}}``; each must list this node among its ``adoptees``. See
@@ -411,6 +435,9 @@ RateRange = Annotated[
 ]
 
 
+Poison = Literal["sign_flip", "scale"]
+
+
 class DeviceConfig(_Frozen):
     """How one simulated worker's device differs from the machine it runs on: a slower CPU,
     a slower link to its parent, dropping out for a while (``hfl_mqtt/roles/worker.py``)."""
@@ -431,6 +458,10 @@ class DeviceConfig(_Frozen):
     """Probability, after each training run, of going offline."""
     offline_s: NonNegativeRange = (1.0, 5.0)
     """How long a dropout lasts, drawn uniformly from this range each time."""
+    poison: Poison | None = None
+    """A poisoned worker, for robustness experiments: it sends ``-poison_scale`` times its
+    delta (``sign_flip``) or ``poison_scale`` times it (``scale``)."""
+    poison_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
 
 
 _STRAGGLER_STREAM, _DEVICE_STREAM = 0, 1
@@ -459,6 +490,16 @@ class HeterogeneityConfig(_Frozen):
     """Probability, after each training run, that a worker drops out."""
     offline_s: NonNegativeRange = (1.0, 5.0)
     """How long a dropped-out worker stays away, drawn per dropout."""
+    poisoned: Probability = 0.0
+    """Share of the workers that are poisoned, rounded to the nearest whole worker and spread
+    evenly over the worker indexes (so over the edges): ``DeviceConfig.poison``."""
+    poison: Poison = "sign_flip"
+    poison_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+
+    def poisoned_of(self, workers: int) -> set[int]:
+        """Indexes of the poisoned workers among ``workers``: every ``1 / poisoned``-th."""
+        count = math.floor(self.poisoned * workers + 0.5)
+        return {math.floor((j + 0.5) * workers / count) for j in range(count)}
 
     def stragglers_of(self, workers: int) -> set[int]:
         """Indexes of the slow workers among ``workers``."""
@@ -469,6 +510,7 @@ class HeterogeneityConfig(_Frozen):
     def devices(self, workers: int) -> list[DeviceConfig]:
         """One device per worker, by worker index."""
         slow = self.stragglers_of(workers)
+        poisoned = self.poisoned_of(workers)
         devices = []
         for index in range(workers):
             rng = np.random.default_rng([self.seed, _DEVICE_STREAM, index])
@@ -487,6 +529,8 @@ class HeterogeneityConfig(_Frozen):
                     down_bytes_per_s=rate,
                     dropout=self.dropout,
                     offline_s=self.offline_s,
+                    poison=self.poison if index in poisoned else None,
+                    poison_scale=self.poison_scale,
                 )
             )
         return devices
@@ -550,6 +594,10 @@ class NodeConfig(_Frozen):
             raise ValueError(NEEDS_PARTITION)
         if self.device is not None and self.downstream is not None:
             raise ValueError("device applies to workers only (a node without downstream)")
+        if self.downstream is not None and self.upstream and self.upstream.local_privacy:
+            raise ValueError(
+                "local_privacy applies to workers only (an aggregator uses downstream privacy)"
+            )
         return self
 
     @property
@@ -581,6 +629,9 @@ class LevelConfig(RoundConfig):
     keyframe_every: Annotated[int, Field(ge=1)] = 20
     """With delta coding: a whole model is retained every this many versions."""
     error_feedback: bool = False
+    local_privacy: LocalPrivacy | None = None
+    """The workers' level only: local differential privacy on every worker
+    (``UpstreamConfig.local_privacy``)."""
 
     _codecs = field_validator("uplink_codec", "downlink_codec", "downlink_delta_codec")(
         _check_codec
@@ -630,6 +681,18 @@ class FederationConfig(_Frozen):
         names = [level.name for level in self.levels]
         if len(set(names)) != len(names):
             raise ValueError("level names must be unique")
+        for rule in ("robust", "privacy"):
+            if getattr(self.levels[-1], rule) is not None:
+                raise ValueError(
+                    f"levels.{len(self.levels) - 1}.{rule}: the workers' level aggregates "
+                    "nothing (for privacy on the workers: local_privacy)"
+                )
+        for depth, level in enumerate(self.levels[:-1]):
+            if level.local_privacy is not None:
+                raise ValueError(
+                    f"levels.{depth}.local_privacy: local privacy applies to the workers' level "
+                    "(the last); an aggregator's level uses privacy"
+                )
         for depth, (level, children) in enumerate(zip(self.levels, self.fanout, strict=False)):
             if level.flower_strategy is not None:
                 level.flower_strategy.check_children(children, f"levels.{depth}.flower_strategy")
@@ -708,6 +771,7 @@ class FederationConfig(_Frozen):
                     parent=parent,
                     codec=level.uplink_codec,
                     error_feedback=level.error_feedback,
+                    local_privacy=level.local_privacy,
                     fallbacks=fallbacks.get(node, []),
                 )
             downstream = None

@@ -286,6 +286,7 @@ class MetricsPublisher:
             # What the node's parent sees of its children: a monitor on another broker (the
             # root's, above a site broker) learns from it that a worker died.
             "children_down": list(now.children_down),
+            "privacy": report.privacy,
         }
         if report.role != "worker":
             self._staleness.update(report)

@@ -513,10 +513,33 @@ def _summary(
         "updates_accepted": sum(r["updates_accepted"] for r in reports),
         "updates_rejected": dict(rejected),
         "staleness": staleness_summary(config, reports),
+        "privacy": _privacy_summary(config, reports),
         "brokers": len(brokers),
         "nodes": reports,
         "config": config.model_dump(mode="json"),
     }
+
+
+def _privacy_summary(
+    config: FederationConfig, reports: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]] | None:
+    """Per level with privacy on, the most any of its nodes spent (epsilon None: unbounded)."""
+    by_level: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        spent = report.get("privacy")
+        if not spent:
+            continue
+        level = config.levels[report["level"]].name
+        worst = by_level.get(level)
+        epsilon = spent["epsilon"]
+        if worst is None:
+            by_level[level] = {**{k: v for k, v in spent.items() if k != "clip_norm"}, "nodes": 1}
+            continue
+        worst["nodes"] += 1
+        worst["releases"] = max(worst["releases"], spent["releases"])
+        if worst["epsilon"] is not None and (epsilon is None or epsilon > worst["epsilon"]):
+            worst["epsilon"] = epsilon
+    return by_level or None
 
 
 def _plot(

@@ -493,3 +493,14 @@ async def test_the_same_device_drops_out_as_often() -> None:
     assert counts[0] == counts[1]
     assert counts[2] == counts[3]
     assert all(0 < count < 12 for count in counts)
+
+
+@pytest.mark.parametrize(
+    ("share", "workers", "expected"), [(0.2, 10, {2, 7}), (0.5, 4, {1, 3}), (0.0, 8, set())]
+)
+def test_poisoned_workers_are_spread_evenly(share: float, workers: int, expected: set[int]) -> None:
+    config = HeterogeneityConfig(poisoned=share, poison="scale", poison_scale=3.0)
+    assert config.poisoned_of(workers) == expected
+    devices = config.devices(workers)
+    assert {i for i, d in enumerate(devices) if d.poison == "scale"} == expected
+    assert all(d.poison_scale == 3.0 for d in devices)

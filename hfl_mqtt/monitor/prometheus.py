@@ -24,6 +24,8 @@ metric                                      type     what
                                                      (0.5, 0.95, 1 = max; aggregators)
 ``hfl_node_staleness_updates_total``        counter  accepted updates the staleness covers
 ``hfl_level_staleness``                     gauge    the same merged per receiving ``level``
+``hfl_node_privacy_epsilon``                gauge    differential privacy spent (epsilon at the
+                                                     node's delta), by ``kind`` (central, local)
 ``hfl_federation_accuracy``                 gauge    the root's last evaluation
 ``hfl_federation_loss``                     gauge    its loss
 ``hfl_federation_evaluated_version``        gauge    the version it evaluated
@@ -103,6 +105,9 @@ class SnapshotCollector(Collector):
             "hfl_node_staleness", "Staleness of the updates the node accepted", ["quantile"]
         )
         covered = counter("hfl_node_staleness_updates", "Accepted updates the staleness covers")
+        epsilon = gauge(
+            "hfl_node_privacy_epsilon", "Differential privacy spent (epsilon)", ["kind"]
+        )
 
         for node in snap["nodes"]:
             labels = [
@@ -142,9 +147,13 @@ class SnapshotCollector(Collector):
             count = _number(summary.get("n"))
             if count is not None:
                 covered.add_metric(labels, count)
+            privacy = node.get("privacy") or {}
+            spent = _number(privacy.get("epsilon"))
+            if spent is not None:
+                epsilon.add_metric([*labels, str(privacy.get("kind", ""))], spent)
         yield from (up, version, rounds, accepted, rejected, bytes_sent, bytes_received)
         yield from (messages_sent, messages_received, reconnects, trained, memory, cpu, uptime)
-        yield from (age, staleness, covered)
+        yield from (age, staleness, covered, epsilon)
         yield from self._federation(fed, snap)
 
     @staticmethod

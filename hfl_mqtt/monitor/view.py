@@ -89,6 +89,10 @@ def natural_key(node_id: str) -> tuple[tuple[int, int | str], ...]:
     )
 
 
+def _table(value: object) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
 def _names(value: object) -> tuple[str, ...]:
     """The strings of a list (a malformed one: none)."""
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
@@ -162,6 +166,8 @@ class NodeState:
     records: int = 0
     children_down: tuple[str, ...] = ()
     """The children its last record says are down (an aggregator's)."""
+    privacy: dict[str, Any] | None = None
+    """Differential privacy spent, where the node has it on (``kind``, ``epsilon``, ...)."""
 
     def rates(self, now: float) -> tuple[float, float]:
         """Bytes per second out and in between the last two records; once the next record is
@@ -190,6 +196,7 @@ class NodeState:
             "accepted": self.accepted,
             "rejected": self.rejected,
             "staleness": self.staleness,
+            "privacy": self.privacy,
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
             "rate_out": round(rate_out, 1),
@@ -329,9 +336,9 @@ class FederationView:
         node.rss = _int(value.get("rss"))
         node.cpu_s = _float(value.get("cpu_s"))
         node.uptime_s = _float(value.get("uptime_s"))
-        staleness = value.get("staleness")
-        node.staleness = staleness if isinstance(staleness, dict) else None
+        node.staleness = _table(value.get("staleness"))
         node.children_down = _names(value.get("children_down"))
+        node.privacy = _table(value.get("privacy"))
 
         rejected = _counters(value.get("rejected"))
         for reason, count in rejected.items():

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from hfl_mqtt.accounting import PrivacyAccountant, require_accounting
 from hfl_mqtt.aggregation.base import (
     Model,
     RoundStrategy,
@@ -31,16 +32,36 @@ from hfl_mqtt.aggregation.base import (
     strategy_state,
 )
 from hfl_mqtt.aggregation.fedavg import FedAvg
+from hfl_mqtt.aggregation.privacy import PrivateMean
+from hfl_mqtt.aggregation.robust import RobustAggregation
 from hfl_mqtt.checkpoint import NodeState
 from hfl_mqtt.codec import Envelope, Header
 from hfl_mqtt.config import NodeConfig
+from hfl_mqtt.errors import ConfigError
 from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
 from hfl_mqtt.roles.report import Arrival
 from hfl_mqtt.roles.uplinks import OpenLink
 from hfl_mqtt.tasks.base import Task
 from hfl_mqtt.transport.base import LinkBase
 
-__all__ = ["Aggregator", "EventCallback"]
+__all__ = ["Aggregator", "EventCallback", "native_strategy"]
+
+
+def native_strategy(config: NodeConfig) -> RoundStrategy:
+    """The project's own aggregation ``config`` asks for: a robust rule, central privacy, or
+    (the default) streaming FedAvg; ``ConfigError`` if it cannot be built."""
+    downstream = config.downstream
+    if downstream is None:
+        raise ValueError(f"node {config.node} has no children to aggregate")
+    if downstream.robust is not None:
+        return RobustAggregation(downstream.robust, downstream.server_lr)
+    if downstream.privacy is not None:
+        require_accounting()
+        try:
+            return PrivateMean(downstream.privacy, len(downstream.children), downstream.server_lr)
+        except ValueError as exc:
+            raise ConfigError(f"node {config.node}: {exc}") from exc
+    return FedAvg(downstream.server_lr)
 
 
 class Aggregator(AggregatorBase):
@@ -67,7 +88,11 @@ class Aggregator(AggregatorBase):
             state=state,
             open_link=open_link,
         )
-        self.strategy: RoundStrategy = strategy or FedAvg(self.rounds_config.server_lr)
+        self.strategy: RoundStrategy = strategy or native_strategy(config)
+        self._privacy: PrivacyAccountant | None = None
+        if isinstance(self.strategy, PrivateMean):
+            settings = self.strategy.settings
+            self._privacy = PrivacyAccountant("central", settings.noise_multiplier, settings.delta)
         self._streaming = self.strategy if isinstance(self.strategy, StreamingStrategy) else None
         self._collecting: dict[str, Update] | None = None
         self._cycle_round = 0
@@ -127,6 +152,15 @@ class Aggregator(AggregatorBase):
         self._deadline = time.monotonic() + self.rounds_config.deadline_s
         self._deadline_logged = False
 
+    def _account_privacy(self) -> None:
+        """Bring the privacy accountant up to the strategy's noised releases; report epsilon."""
+        strategy = self.strategy
+        if self._privacy is None or not isinstance(strategy, PrivateMean):
+            return
+        if strategy.rounds > self._privacy.releases:
+            self._privacy.spend(strategy.rounds - self._privacy.releases)
+        self.report.privacy = self._privacy.to_dict(clip_norm=round(strategy.clip_norm, 6))
+
     # --- checkpoints ----------------------------------------------------------------------------
 
     def _mode_state(self) -> tuple[dict[str, Any], dict[str, Model], set[str]]:
@@ -169,6 +203,7 @@ class Aggregator(AggregatorBase):
             values["strategy"],
             {k[len(prefix) :]: v for k, v in models.items() if k.startswith(prefix)},
         )
+        self._account_privacy()
         if self.is_root and self.report.rounds >= self.rounds_config.rounds:
             # Its children were stopped when the run ended: a stop sent now would wait in
             # their sessions and end the next run at its start.
@@ -248,12 +283,19 @@ class Aggregator(AggregatorBase):
         self._cycle_round += 1
         self._last_participants = [u.sender for u in updates]
         examples = sum(u.num_examples for u in updates)
+        self._account_privacy()
         self._log.info(
             "round closed",
             round=self.report.rounds,
             participants=len(updates),
             examples=examples,
+            **({"epsilon": self.report.privacy["epsilon"]} if self.report.privacy else {}),
         )
+        if isinstance(self.strategy, RobustAggregation) and self.strategy.suspects:
+            self._log.warning(
+                "deltas far longer than the round's others (outvoted by the robust rule)",
+                senders=self.strategy.suspects,
+            )
         if self.is_root:
             await self._evaluate(len(updates), examples)
             if self.report.rounds >= self.rounds_config.rounds:

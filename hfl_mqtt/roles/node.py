@@ -22,7 +22,7 @@ from hfl_mqtt.aggregation.flower_strategy import FlowerStrategy
 from hfl_mqtt.checkpoint import CheckpointStore, NodeState
 from hfl_mqtt.config import NEEDS_PARTITION, BrokerAddress, NodeConfig
 from hfl_mqtt.errors import ConfigError
-from hfl_mqtt.roles.aggregator import Aggregator, EventCallback
+from hfl_mqtt.roles.aggregator import Aggregator, EventCallback, native_strategy
 from hfl_mqtt.roles.async_aggregator import AsyncAggregator
 from hfl_mqtt.roles.flower_parent import run_under_flower_server
 from hfl_mqtt.roles.messages import status_payload
@@ -190,11 +190,14 @@ def _node_state(config: NodeConfig, mode: Checkpoints | None) -> NodeState | Non
 
 def round_strategy(config: NodeConfig) -> RoundStrategy | None:
     """The synchronous aggregation ``config`` asks for (its ``flower_strategy``, resolved and
-    checked; ``ConfigError`` if it cannot be built); None: the default, streaming FedAvg."""
+    checked, or a native rule: ``native_strategy``), built before connecting so that a bad one
+    fails at once (``ConfigError``); None for a node without children."""
     downstream = config.downstream
-    if downstream is None or downstream.flower_strategy is None:
+    if downstream is None:
         return None
-    return FlowerStrategy.from_config(downstream.flower_strategy, node=config.node)
+    if downstream.flower_strategy is not None:
+        return FlowerStrategy.from_config(downstream.flower_strategy, node=config.node)
+    return native_strategy(config)
 
 
 async def _enter(stack: contextlib.AsyncExitStack, link: Any) -> LinkBase:

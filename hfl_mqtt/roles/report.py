@@ -79,6 +79,8 @@ class NodeReport:
     """When the node started (``time.monotonic``): ``Arrival.seconds`` count from here."""
     last_error: str | None = None
     """The last refused message or link error, with its reason (the node's metrics record)."""
+    privacy: dict[str, Any] | None = None
+    """Differential privacy spent so far (``PrivacyAccountant.to_dict``), where it is on."""
 
     def accept(self, arrival: Arrival, update_id: str) -> None:
         """Count an accepted update and keep its staleness for the telemetry."""
@@ -152,6 +154,7 @@ class NodeReport:
             "accepted_ids": self.accepted_ids,
             "resent": self.resent,
             "reparented": self.reparented,
+            "privacy": self.privacy,
             "up": link(self.up),
             "down": link(self.down),
         }

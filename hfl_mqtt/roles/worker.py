@@ -38,7 +38,9 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
+from hfl_mqtt.accounting import PrivacyAccountant
 from hfl_mqtt.aggregation.base import Model, subtract
+from hfl_mqtt.aggregation.privacy import privatize
 from hfl_mqtt.codec import Compressor, Header, ModelSpec
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import DecodeError
@@ -105,6 +107,14 @@ class Worker:
             config.upstream.codec,
             error_feedback=config.upstream.error_feedback,
             seed=config.task.seed * 100_003 + (config.partition or 0),
+        )
+        settings = config.upstream.local_privacy
+        self._privacy = None
+        if settings is not None:
+            self._privacy = PrivacyAccountant("local", settings.noise_multiplier, settings.delta)
+        entropy = None if settings is None or settings.seed is None else settings.seed
+        self._privacy_rng = np.random.default_rng(
+            None if entropy is None else [entropy, config.partition or 0]
         )
         # The parent's models must fit this worker's own model: same names, shapes, dtypes.
         self._spec = ModelSpec.from_arrays(task.get_weights())
@@ -302,7 +312,7 @@ class Worker:
         if newer_waiting and not header.metrics.get("async"):
             log_round.info("newer model arrived during training: result dropped")
             return
-        delta = subtract(trained, model)
+        delta = self._outgoing(subtract(trained, model))
         metrics: dict[str, float | int | str | bool] = {
             k: float(v) for k, v in result.metrics.items() if np.isfinite(v)
         }
@@ -324,6 +334,19 @@ class Worker:
         self.report.sent_ids.append(update_id)
         await self._link.publish(topic, payload)
         log_round.debug("delta sent", bytes=len(payload), examples=result.num_examples)
+
+    def _outgoing(self, delta: Model) -> Model:
+        """The delta as it leaves the device: clipped and noised under local privacy, then
+        turned against the federation if the simulated device is poisoned."""
+        settings = self.config.upstream.local_privacy if self.config.upstream else None
+        if settings is not None and self._privacy is not None:
+            delta = privatize(delta, settings, self._privacy_rng)
+            self._privacy.spend()
+            self.report.privacy = self._privacy.to_dict(clip_norm=settings.clip_norm)
+        if self.device is not None and self.device.poison is not None:
+            factor = self.device.poison_scale * (-1 if self.device.poison == "sign_flip" else 1)
+            delta = {k: (factor * v).astype(v.dtype, copy=False) for k, v in delta.items()}
+        return delta
 
     async def _take_device_time(self, seconds: float) -> None:
         """Wait out the rest of a training run on the simulated device, which took ``seconds``
