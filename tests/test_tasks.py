@@ -115,6 +115,23 @@ def test_torch_mlp_learns_digits() -> None:
     assert task.evaluate().accuracy >= 0.90
 
 
+def test_dp_sgd_learns_digits_and_counts_its_epsilon() -> None:
+    pytest.importorskip("opacus")
+    config = TaskConfig.model_validate(
+        {"model": "torch_mlp", "dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
+    )
+    task = load_task(config, 0, 4)
+    names = set(task.get_weights())
+    train = TrainConfig(epochs=1, batch_size=32, learning_rate=0.5)
+    spent = [task.train(train).metrics["dp_epsilon"] for _ in range(6)]
+    assert spent == sorted(spent)
+    assert 1 < spent[0] < spent[-1] < 10  # z = 1, q = 32/360, 12 steps a run, delta 1e-5
+    assert task.evaluate().accuracy >= 0.6
+    assert set(task.get_weights()) == names  # Opacus's wrapper does not rename the weights
+    with pytest.raises(ValueError, match="dp_sgd works with model: torch_mlp"):
+        TaskConfig.model_validate({"model": "softmax", "dp_sgd": {}})
+
+
 @pytest.mark.parametrize("mu", [0.0, 0.5])
 def test_torch_and_numpy_mlp_are_the_same_model(mu: float) -> None:
     """Same seed, same weights, same batches: the two implementations train in lockstep."""

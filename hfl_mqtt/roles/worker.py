@@ -307,6 +307,7 @@ class Worker:
         trained, result = await asyncio.to_thread(self._train, model, version)
         await self._take_device_time(time.monotonic() - started)
         self.report.trained += 1
+        self._note_dp_sgd(result)
         self._version = version
         newer_waiting = self._newer_model_waiting(version)  # sets aside what arrived meanwhile
         if newer_waiting and not header.metrics.get("async"):
@@ -334,6 +335,21 @@ class Worker:
         self.report.sent_ids.append(update_id)
         await self._link.publish(topic, payload)
         log_round.debug("delta sent", bytes=len(payload), examples=result.num_examples)
+
+    def _note_dp_sgd(self, result: TrainResult) -> None:
+        """A task trained with DP-SGD reports its epsilon: the node's, unless local privacy
+        (the stronger, device-level guarantee) is on."""
+        dp_sgd = self.config.task.dp_sgd
+        if dp_sgd is None or self._privacy is not None or "dp_epsilon" not in result.metrics:
+            return
+        epsilon = result.metrics["dp_epsilon"]
+        self.report.privacy = {
+            "kind": "dp_sgd",
+            "epsilon": round(epsilon, 4) if np.isfinite(epsilon) else None,
+            "delta": dp_sgd.delta,
+            "releases": self.report.trained,
+            "noise_multiplier": dp_sgd.noise_multiplier,
+        }
 
     def _outgoing(self, delta: Model) -> Model:
         """The delta as it leaves the device: clipped and noised under local privacy, then

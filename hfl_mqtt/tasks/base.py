@@ -94,6 +94,18 @@ class TrainConfig(BaseModel):
     max_steps: Annotated[int, Field(ge=1)] | None = None
 
 
+class DpSgdConfig(BaseModel):
+    """DP-SGD on a worker (Opacus): every example's gradient clipped to ``max_grad_norm``,
+    Gaussian noise of ``noise_multiplier * max_grad_norm`` added to each batch's sum."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    noise_multiplier: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
+    max_grad_norm: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+    """The delta at which the worker's epsilon is reported."""
+
+
 class PartitionConfig(BaseModel):
     """How a labelled data set is split across workers (see ``partition_indices``)."""
 
@@ -179,6 +191,9 @@ class TaskConfig(BaseModel):
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     seed: Annotated[int, Field(ge=0)] = 0
     synthetic: SyntheticConfig = SyntheticConfig()
+    dp_sgd: DpSgdConfig | None = None
+    """``torch_mlp`` only: train with DP-SGD through Opacus (the ``dpsgd`` extra); each
+    training run's metrics then carry ``dp_epsilon`` (the worker's record-level epsilon)."""
     # Passed through untouched to custom factories. With flower_client: the run_config of a
     # client_fn(context), and added to every fit and evaluate config.
     params: dict[str, Any] = Field(default_factory=dict)
@@ -188,6 +203,8 @@ class TaskConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
         # Settings that would do nothing are refused rather than silently ignored.
+        if self.dp_sgd is not None and self.model != "torch_mlp":
+            raise ValueError("dp_sgd works with model: torch_mlp (Opacus trains torch models)")
         if self.flower_client is not None:
             given = [
                 name

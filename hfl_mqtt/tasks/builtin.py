@@ -123,6 +123,7 @@ def make_task(config: TaskConfig, partition: int | None, num_partitions: int) ->
             hidden=hidden,
             init_seed=config.seed,
             shuffle_seed=shuffle_seed,
+            dp_sgd=config.dp_sgd,
         )
     return NumpyTask(
         *split,

@@ -1,4 +1,7 @@
-"""The torch MLP: the same network as the numpy MLP, trained with ``torch.optim.SGD``.
+"""The torch MLP: the same network as the numpy MLP, trained with ``torch.optim.SGD``, or with
+DP-SGD through Opacus (``dp_sgd``: per-example clipping and noise, and Opacus's RDP accountant;
+the batches are the task's shuffled ones, so the accountant's sampling rate ``batch / n`` is
+the usual approximation of Poisson sampling).
 
 Importing this module needs the ``torch`` extra. Weights are exchanged as float32 numpy arrays
 named like the state dict (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ...); they are
@@ -8,6 +11,7 @@ from the same model, and the batch order comes from the same numpy generator.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,7 +24,14 @@ except ImportError as e:
         "the torch models need PyTorch: install the 'torch' extra (pip install 'hfl-mqtt[torch]')"
     ) from e
 
-from hfl_mqtt.tasks.base import EvalResult, TrainConfig, TrainResult, check_weights, train_result
+from hfl_mqtt.tasks.base import (
+    DpSgdConfig,
+    EvalResult,
+    TrainConfig,
+    TrainResult,
+    check_weights,
+    train_result,
+)
 from hfl_mqtt.tasks.numpy_models import EVAL_CHUNK, batch_indices, check_data, init_params
 
 __all__ = ["MLP", "TorchTask"]
@@ -66,6 +77,7 @@ class TorchTask:
         hidden: Sequence[int] = (64,),
         init_seed: int = 0,
         shuffle_seed: int = 0,
+        dp_sgd: DpSgdConfig | None = None,
     ) -> None:
         x, y = check_data(x_train, y_train, num_features, num_classes, "training")
         xe, ye = check_data(x_eval, y_eval, num_features, num_classes, "evaluation")
@@ -75,6 +87,7 @@ class TorchTask:
         self._model = MLP([num_features, *hidden, num_classes])
         self.set_weights(init_params([num_features, *hidden, num_classes], init_seed))
         self._rng = np.random.default_rng(shuffle_seed)
+        self._dp = _DpSgd(self._model, dp_sgd, shuffle_seed) if dp_sgd is not None else None
 
     @property
     def num_examples(self) -> int:
@@ -95,10 +108,12 @@ class TorchTask:
 
     def train(self, config: TrainConfig) -> TrainResult:
         _single_thread()
-        model = self._model
+        model: torch.nn.Module = self._model
         params = list(model.parameters())
         reference = [p.detach().clone() for p in params] if config.proximal_mu else None
-        optimizer = torch.optim.SGD(params, lr=config.learning_rate)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.learning_rate)
+        if self._dp is not None:
+            model, optimizer = self._dp.wrap(optimizer, config.batch_size)
         model.train()
         steps, loss_sum, correct, seen = 0, 0.0, 0, 0
         for idx in batch_indices(self.num_examples, config, self._rng):
@@ -120,7 +135,11 @@ class TorchTask:
             loss_sum += float(data_loss.item())
             correct += int((logits.argmax(dim=1) == y).sum().item())
             seen += int(y.numel())
-        return train_result(self.num_examples, steps, loss_sum, correct, seen)
+        result = train_result(self.num_examples, steps, loss_sum, correct, seen)
+        if self._dp is not None:
+            self._dp.spent(steps, config.batch_size / self.num_examples)
+            result.metrics["dp_epsilon"] = self._dp.epsilon()
+        return result
 
     def evaluate(self) -> EvalResult:
         _single_thread()
@@ -137,3 +156,48 @@ class TorchTask:
                 loss_sum += float(loss.item())
                 correct += int((logits.argmax(dim=1) == y).sum().item())
         return EvalResult(n, loss_sum / n, correct / n)
+
+
+class _DpSgd:
+    """Opacus around one model: per-example gradients (kept hooked between runs), an optimizer
+    that clips and noises them, and the accountant of every step so far."""
+
+    def __init__(self, model: torch.nn.Module, config: DpSgdConfig, seed: int) -> None:
+        try:
+            from opacus import GradSampleModule
+            from opacus.accountants import RDPAccountant
+        except ImportError as e:
+            raise ImportError(
+                "dp_sgd needs Opacus: install the 'dpsgd' extra (pip install 'hfl-mqtt[dpsgd]')"
+            ) from e
+        # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
+        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+        self.config = config
+        self.model = GradSampleModule(model)
+        self.accountant = RDPAccountant()
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def wrap(
+        self, optimizer: torch.optim.Optimizer, batch_size: int
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        from opacus.optimizers import DPOptimizer
+
+        private = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.config.noise_multiplier,
+            max_grad_norm=self.config.max_grad_norm,
+            expected_batch_size=batch_size,
+            generator=self._generator,
+        )
+        return self.model, private
+
+    def spent(self, steps: int, sample_rate: float) -> None:
+        for _ in range(steps):
+            self.accountant.step(
+                noise_multiplier=self.config.noise_multiplier, sample_rate=min(1.0, sample_rate)
+            )
+
+    def epsilon(self) -> float:
+        if self.config.noise_multiplier == 0:
+            return float("inf")
+        return float(self.accountant.get_epsilon(self.config.delta))
