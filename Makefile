@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-dp bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ bench: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/codec_bench.py --json benchmarks/out/codec.json
 	$(BIN)/python benchmarks/aggregator_bench.py --json benchmarks/out/aggregator.json
+
+# Accuracy against epsilon: central DP at the edges, local DP on the workers (about 3 minutes).
+bench-dp: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/dp_bench.py --json benchmarks/out/dp.json --plot benchmarks/plots/dp.png
 
 bench-staleness: $(STAMP)
 	@mkdir -p benchmarks/out

@@ -127,3 +127,27 @@ def test_scale_bench_reports_each_size(tmp_path: Path) -> None:
         assert record["rss_mb_per_worker"] > 0
         assert len(record["losses"]) == 3
     assert len(result["targets"]) == 6
+
+
+@needs_mosquitto
+def test_dp_bench_calibrates_noise_to_each_budget(tmp_path: Path) -> None:
+    from benchmarks import dp_bench
+
+    out, png = tmp_path / "dp.json", tmp_path / "dp.png"
+    argv = ["--edges", "2", "--workers-per-edge", "2", "--rounds", "3", "--seeds", "1"]
+    argv += ["--epsilons", "8", "--json", str(out), "--plot", str(png)]
+    assert dp_bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "dp"
+    assert [(r["kind"], r["epsilon_target"]) for r in result["records"]] == [
+        ("none", None),
+        ("central", 8.0),
+        ("local", 8.0),
+    ]
+    for record in result["records"][1:]:
+        assert record["epsilon_reported"] <= 8.0 * 1.001
+        assert record["releases"] == 3
+        assert record["noise_multiplier"] > 0
+    assert result["targets"]["every run's reported epsilon within its target"]["met"]
+    assert png.stat().st_size > 0
+    assert dp_bench.render(result).count("\n") == 5

@@ -34,6 +34,7 @@ def tree() -> FederationView:
         version=9, accepted=10, staleness=staleness, rejected={"stale": 2, "non_finite": 1},
         traffic={"model": [3, 3000, 1, 900], "up": [1, 50, 10, 500]}, reconnects=1,
         rss=123_456_789, cpu_s=3.25, uptime_s=10,
+        privacy={"kind": "central", "epsilon": 2.5, "delta": 1e-5, "releases": 4},
     )  # fmt: skip
     observe(view, "w0", 100, role="worker", level=2, parent="edge-0", status="online", trained=5)
     view.observe("hfl/demo/w0/status", b'{"state": "offline"}', 100)
@@ -63,6 +64,7 @@ EDGE = ("edge-0", "aggregator", "1", "cloud")
         ("hfl_node_up", labels("w0", "worker", "2", "edge-0"), 0.0),
         ("hfl_node_model_version", labels(*EDGE), 9.0),
         ("hfl_node_updates_accepted_total", labels(*EDGE), 10.0),
+        ("hfl_node_privacy_epsilon", labels(*EDGE, kind="central"), 2.5),
         ("hfl_node_updates_rejected_total", labels(*EDGE, reason="stale"), 2.0),
         ("hfl_node_updates_rejected_total", labels(*EDGE, reason="non_finite"), 1.0),
         ("hfl_node_bytes_sent_total", labels(*EDGE, kind="model"), 3000.0),
