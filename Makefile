@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-dp bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-dp bench-robust bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ bench: $(STAMP)
 bench-dp: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/dp_bench.py --json benchmarks/out/dp.json --plot benchmarks/plots/dp.png
+
+# Poisoned workers: FedAvg edges beside the robust rules (about 2 minutes).
+bench-robust: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/robust_bench.py --json benchmarks/out/robust.json
 
 bench-staleness: $(STAMP)
 	@mkdir -p benchmarks/out

@@ -151,3 +151,24 @@ def test_dp_bench_calibrates_noise_to_each_budget(tmp_path: Path) -> None:
     assert result["targets"]["every run's reported epsilon within its target"]["met"]
     assert png.stat().st_size > 0
     assert dp_bench.render(result).count("\n") == 5
+
+
+@needs_mosquitto
+def test_robust_bench_runs_each_rule_under_each_attack(tmp_path: Path) -> None:
+    from benchmarks import robust_bench
+
+    out = tmp_path / "robust.json"
+    argv = ["--edges", "2", "--workers-per-edge", "5", "--rounds", "2", "--seeds", "1"]
+    argv += ["--attacks", "flip4", "--rules", "fedavg", "median", "--json", str(out)]
+    assert robust_bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [(r["attack"], r["rule"]) for r in result["records"]] == [
+        ("clean", "fedavg"),
+        ("flip4", "fedavg"),
+        ("flip4", "median"),
+    ]
+    assert set(result["targets"]) == {
+        "flip4: fedavg dragged more than 2 points below clean",
+        "flip4: median within 2 points of clean",
+    }
+    assert "| flip4 |" in robust_bench.render(result)
