@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -13,6 +15,7 @@ from hfl_mqtt.aggregation.robust import (
     clip_to_norm,
     coordinate_median,
     l2_norm,
+    outliers,
     trimmed_mean,
 )
 from hfl_mqtt.config import FederationConfig, RoundConfig
@@ -72,10 +75,39 @@ def test_norm_and_clip_take_every_tensor_as_one_vector() -> None:
 def test_a_sign_flipped_minority_cannot_turn_the_median() -> None:
     honest = [[1.0, 1.0]] * 4
     model = {"w": np.zeros(2, np.float32)}
-    rule = RobustAggregation(RobustRule(rule="median"))
+    rule = RobustAggregation(RobustRule(rule="median", reject_factor=None))
     result = rule.aggregate(model, updates(*honest, [-50.0, -50.0]))
     np.testing.assert_allclose(result["w"], [1.0, 1.0])
-    assert rule.suspects == ["w4"]
+    assert rule.outliers == {}
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        # Distances from the median [1, 1]: 0.1, 0.1, 0.2, 0.2 and 43 * sqrt(2) (median 0.2).
+        ([[1.1, 1.0], [0.9, 1.0], [1.0, 1.2], [1.0, 0.8], [-42.0, -42.0]], {4: 43 * 2**0.5 / 0.2}),
+        ([[1.0], [2.0], [3.0], [4.0]], {}),  # spread evenly: nobody is the odd one out
+        ([[1.0], [1.0], [1.0], [5.0]], {3: math.inf}),  # identical others: any distance is odd
+        ([[1.0], [-100.0]], {}),  # two: neither is the odd one out
+    ],
+)
+def test_outliers_are_far_from_the_coordinate_median(
+    rows: list[list[float]], expected: dict[int, float]
+) -> None:
+    found = outliers(deltas(*rows), 4.0)
+    assert found.keys() == expected.keys()
+    for index, ratio in expected.items():
+        assert found[index] == pytest.approx(ratio, rel=1e-3)
+
+
+def test_outliers_are_set_aside_before_the_rule() -> None:
+    model = {"w": np.zeros(1, np.float32)}
+    rows = [[1.0], [1.2], [0.8], [1.1], [0.9], [-40.0], [-40.0]]
+    rule = RobustAggregation(RobustRule(rule="trimmed_mean", trim=0.0))
+    np.testing.assert_allclose(rule.aggregate(model, updates(*rows))["w"], [1.0], rtol=1e-6)
+    assert set(rule.outliers) == {"w5", "w6"}
+    assert rule.aggregate(model, updates([1.0], [1.0]))["w"] == pytest.approx([1.0])
+    assert rule.outliers == {}  # forgotten at the next round
 
 
 def test_every_child_counts_the_same_whatever_examples_it_claims() -> None:
@@ -94,11 +126,10 @@ def test_every_child_counts_the_same_whatever_examples_it_claims() -> None:
 def test_clipped_mean_bounds_a_scaled_delta_by_the_median_norm() -> None:
     model = {"w": np.zeros(1, np.float32)}
     rows = [[1.0], [1.0], [1.0], [1000.0]]
-    result = RobustAggregation(RobustRule(rule="clipped_mean"), server_lr=0.5).aggregate(
-        model, updates(*rows)
-    )
+    unscreened = RobustRule(rule="clipped_mean", reject_factor=None)
+    result = RobustAggregation(unscreened, server_lr=0.5).aggregate(model, updates(*rows))
     np.testing.assert_allclose(result["w"], [0.5])  # every delta clipped to norm 1
-    fixed = RobustAggregation(RobustRule(rule="clipped_mean", clip_norm=2.0))
+    fixed = RobustAggregation(unscreened.model_copy(update={"clip_norm": 2.0}))
     np.testing.assert_allclose(fixed.aggregate(model, updates(*rows))["w"], [1.25])
 
 

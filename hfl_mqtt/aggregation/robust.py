@@ -12,7 +12,12 @@ rule                the round's step                                     holds w
 ==================  ===================================================  =====================
 
 Every child counts the same: an example count is the child's own claim, and a poisoner could
-claim a million. The math is in free functions; ``RobustAggregation`` is the round strategy.
+claim a million. Before the rule, a round's deltas are screened: one much farther from the
+coordinate-wise median than the others are (``reject_factor`` times the median distance) is set
+aside as an outlier, for the aggregator to refuse and log, and the rule runs on the rest. A
+poisoner that sends a large delta loses its vote instead of merely being outvoted; one that
+stays close to the others is left to the rule. The math is in free functions;
+``RobustAggregation`` is the round strategy.
 """
 
 from __future__ import annotations
@@ -32,11 +37,9 @@ __all__ = [
     "clip_to_norm",
     "coordinate_median",
     "l2_norm",
+    "outliers",
     "trimmed_mean",
 ]
-
-OUTLIER_FACTOR = 4.0
-"""A delta whose norm is this many times the round's median norm is logged as a suspect."""
 
 
 def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
@@ -64,6 +67,21 @@ def coordinate_median(deltas: Sequence[Mapping[str, np.ndarray]]) -> Model:
         name: np.median(_stacked(deltas, name), axis=0).astype(first.dtype)
         for name, first in deltas[0].items()
     }
+
+
+def outliers(deltas: Sequence[Mapping[str, np.ndarray]], factor: float) -> dict[int, float]:
+    """Indexes of the deltas farther than ``factor`` times the median distance from the
+    coordinate-wise median, each with its distance over that median distance."""
+    if len(deltas) < 3:
+        return {}  # with two, neither is the odd one out
+    center = coordinate_median(deltas)
+    distances = [
+        l2_norm({k: np.asarray(v, np.float64) - center[k] for k, v in d.items()}) for d in deltas
+    ]
+    typical = float(np.median(distances))
+    if typical <= 0:
+        return {i: math.inf for i, d in enumerate(distances) if d > 0}
+    return {i: d / typical for i, d in enumerate(distances) if d > factor * typical}
 
 
 def trimmed_count(count: int, trim: float) -> int:
@@ -96,35 +114,39 @@ class RobustRule(BaseModel):
     """``trimmed_mean``: the share of values dropped at each end of every coordinate."""
     clip_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """``clipped_mean``: the norm each delta is clipped to; None: the round's median norm."""
+    reject_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] | None = 4.0
+    """A delta farther from the round's coordinate-wise median than this many times the median
+    distance is refused as an outlier before the rule runs; None: no screening."""
 
 
 class RobustAggregation:
-    """A round strategy: ``x <- x + lr * rule(deltas)``. After each round ``suspects`` names
-    the children whose delta was far longer than the others' (``OUTLIER_FACTOR`` times the
-    median norm), for the aggregator to log."""
+    """A round strategy: ``x <- x + lr * rule(deltas)``, the outliers set aside first. After
+    each round ``outliers`` maps the children set aside to how far off they were (their distance
+    over the median distance), for the aggregator to refuse and log."""
 
     def __init__(self, rule: RobustRule, server_lr: float = 1.0) -> None:
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
         self.rule = rule
         self.server_lr = server_lr
-        self.suspects: list[str] = []
+        self.outliers: dict[str, float] = {}
 
     def aggregate(self, model: Mapping[str, np.ndarray], updates: Sequence[Update]) -> Model:
+        self.outliers = {}
         if not updates:
             return {k: v.copy() for k, v in model.items()}
         deltas = [u.delta for u in updates]
-        norms = [l2_norm(d) for d in deltas]
-        typical = float(np.median(norms))
-        self.suspects = [
-            u.sender for u, n in zip(updates, norms, strict=True) if n > OUTLIER_FACTOR * typical
-        ]
+        if self.rule.reject_factor is not None:
+            odd = outliers(deltas, self.rule.reject_factor)
+            self.outliers = {updates[i].sender: ratio for i, ratio in odd.items()}
+            deltas = [d for i, d in enumerate(deltas) if i not in odd]
         match self.rule.rule:
             case "median":
                 step = coordinate_median(deltas)
             case "trimmed_mean":
                 step = trimmed_mean(deltas, self.rule.trim)
             case "clipped_mean":
+                typical = float(np.median([l2_norm(d) for d in deltas]))
                 bound = self.rule.clip_norm if self.rule.clip_norm is not None else typical
                 step = trimmed_mean([clip_to_norm(d, bound) for d in deltas], 0.0)
         return {

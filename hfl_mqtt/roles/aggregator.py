@@ -42,6 +42,7 @@ from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_m
 from hfl_mqtt.roles.report import Arrival
 from hfl_mqtt.roles.uplinks import OpenLink
 from hfl_mqtt.tasks.base import Task
+from hfl_mqtt.topics import up_topic
 from hfl_mqtt.transport.base import LinkBase
 
 __all__ = ["Aggregator", "EventCallback", "native_strategy"]
@@ -281,23 +282,26 @@ class Aggregator(AggregatorBase):
             self.model = self.strategy.aggregate(self.model, updates)
         self.report.rounds += 1
         self._cycle_round += 1
-        self._last_participants = [u.sender for u in updates]
-        examples = sum(u.num_examples for u in updates)
+        left_out = self.strategy.outliers if isinstance(self.strategy, RobustAggregation) else {}
+        self._last_participants = [u.sender for u in updates if u.sender not in left_out]
+        examples = sum(u.num_examples for u in updates if u.sender not in left_out)
         self._account_privacy()
         self._log.info(
             "round closed",
             round=self.report.rounds,
-            participants=len(updates),
+            participants=len(self._last_participants),
             examples=examples,
             **({"epsilon": self.report.privacy["epsilon"]} if self.report.privacy else {}),
         )
-        if isinstance(self.strategy, RobustAggregation) and self.strategy.suspects:
-            self._log.warning(
-                "deltas far longer than the round's others (outvoted by the robust rule)",
-                senders=self.strategy.suspects,
+        for sender, ratio in left_out.items():
+            self.report.reject(
+                "outlier",
+                up_topic(self.config.federation, self.config.node, sender),
+                f"delta {ratio:.3g}x as far from the round's median as the typical child's: "
+                "left out of the robust aggregate",
             )
         if self.is_root:
-            await self._evaluate(len(updates), examples)
+            await self._evaluate(len(self._last_participants), examples)
             if self.report.rounds >= self.rounds_config.rounds:
                 await self._finish()
             else:
