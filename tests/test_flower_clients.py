@@ -450,6 +450,28 @@ def test_modules_are_found_in_the_current_directory_as_python_m_would(
     assert str(elsewhere) not in sys.path
 
 
+def test_the_current_directory_wins_over_an_installed_package_of_the_same_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opacus installs a top-level ``examples`` package; ours must still be found."""
+    installed = tmp_path / "site"
+    (installed / "hfl_shadowed").mkdir(parents=True)
+    (installed / "hfl_shadowed" / "__init__.py").write_text("")
+    project = tmp_path / "project"
+    (project / "hfl_shadowed" / "clients").mkdir(parents=True)
+    (project / "hfl_shadowed" / "__init__.py").write_text("")  # as examples/__init__.py
+    (project / "hfl_shadowed" / "clients" / "client.py").write_text(
+        "def client_fn(p):\n    return p\n"
+    )
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "path", [str(installed)] + [p for p in sys.path if p != ""])
+    try:
+        assert import_callable("hfl_shadowed.clients.client:client_fn")(5) == 5
+    finally:
+        for name in [m for m in sys.modules if m.startswith("hfl_shadowed")]:
+            del sys.modules[name]
+
+
 def test_the_message_api_cannot_be_called_outside_a_flower_runtime() -> None:
     """Why ``flower_client_app`` is not offered (docs/flower-clients.md): in flwr 1.41 the
     public ``Message(content, dst_node_id, message_type)`` reads the process's run and node id

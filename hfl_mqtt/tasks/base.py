@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, cast, runtime_checkable
@@ -312,28 +313,30 @@ def import_callable(path: str, what: str = "task factory") -> Callable[..., Any]
     return cast("Callable[..., Any]", obj)
 
 
-def _import_module(name: str) -> Any:
-    def is_missing(error: ModuleNotFoundError) -> bool:
-        """The module itself (or a package above it) is missing, not something it imports."""
-        missing = error.name or ""
-        return name == missing or name.startswith(missing + ".")
+_PATH_LOCK = threading.Lock()
 
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        # Console scripts, unlike ``python -m``, do not put the current directory on the path.
-        cwd = os.getcwd()
-        if not is_missing(e) or cwd in sys.path:
-            raise
-        sys.path.insert(0, cwd)
-        importlib.invalidate_caches()
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as again:
-            if not is_missing(again):
-                raise
-            sys.path.remove(cwd)
-            raise e from None
+
+def _import_module(name: str) -> Any:
+    """``importlib.import_module``, but a module or package in the current directory is found
+    first, as under ``python -m``: console scripts do not put the current directory on the
+    path. It also wins over an installed package of the same name (Opacus installs a top-level
+    ``examples``), even one imported already."""
+    top = name.partition(".")[0]
+    cwd = os.getcwd()
+    here = os.path.join(cwd, top)
+    if os.path.isdir(here) or os.path.isfile(here + ".py"):
+        with _PATH_LOCK:  # workers of one process load their tasks in threads
+            if cwd not in sys.path:
+                sys.path.insert(0, cwd)
+                importlib.invalidate_caches()
+            loaded = sys.modules.get(top)
+            where = getattr(loaded, "__file__", None) or next(
+                iter(getattr(loaded, "__path__", None) or []), None
+            )
+            if loaded is not None and where is not None and not where.startswith(here):
+                for module in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+                    del sys.modules[module]
+    return importlib.import_module(name)
 
 
 def load_task(config: TaskConfig, partition: int | None, num_partitions: int) -> Task:
