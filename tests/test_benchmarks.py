@@ -67,8 +67,10 @@ def test_recovery_bench_crashes_the_broker_once_per_setting(tmp_path: Path) -> N
     from benchmarks import recovery_bench
 
     out = tmp_path / "recovery.json"
-    argv = ["--repeats", "1", "--edges", "1", "--workers-per-edge", "2", "--rounds", "3"]
-    argv += ["--epochs", "10", "--outage-s", "0.5", "--json", str(out)]
+    # The crash comes after round 1 of 4: with one round left after it (round 2 of 3), a loaded
+    # machine could finish the run before the kill landed, and nothing would be left to recover.
+    argv = ["--repeats", "1", "--edges", "1", "--workers-per-edge", "2", "--rounds", "4"]
+    argv += ["--crash-after", "1", "--epochs", "10", "--outage-s", "0.5", "--json", str(out)]
     recovery_bench.main(argv)  # its exit code says whether the targets were met: not checked
     result = json.loads(out.read_text())
     assert result["benchmark"] == "recovery"
@@ -77,7 +79,7 @@ def test_recovery_bench_crashes_the_broker_once_per_setting(tmp_path: Path) -> N
         assert record["lost"] == 0
         assert record["recovery_s"] is not None
         assert record["recovery_s"] > 0
-        assert record["global_rounds"] == 3
+        assert record["global_rounds"] == 4
     assert set(result["targets"]) >= {"no update lost", "no round waits for its deadline"}
 
 
