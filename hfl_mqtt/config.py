@@ -45,6 +45,7 @@ from pydantic import (
 )
 
 from hfl_mqtt.aggregation.flower_strategy import FlowerStrategyConfig
+from hfl_mqtt.aggregation.participation import ParticipationConfig
 from hfl_mqtt.aggregation.privacy import CentralPrivacy, LocalPrivacy
 from hfl_mqtt.aggregation.robust import RobustRule
 from hfl_mqtt.aggregation.staleness import StalenessFunction
@@ -236,6 +237,9 @@ class RoundConfig(_Frozen):
     privacy: CentralPrivacy | None = None
     """sync: central differential privacy: clip every child's delta, noise the sum (DP-FedAvg,
     optionally with adaptive clipping): see docs/privacy.md."""
+    participation: ParticipationConfig = ParticipationConfig()
+    """sync: which children train each round (``policy``: all, random, loss, contribution,
+    deadline; ``fraction``; ``every_rounds`` for fairness): see docs/participation.md."""
     checkpoint_every: Count = 1
     """Write a checkpoint before publishing every this many model versions (and after every
     report up, and at a clean stop); a resume from a checkpoint between two such versions goes
@@ -275,6 +279,11 @@ class RoundConfig(_Frozen):
             raise ValueError(f"{' and '.join(chosen)} exclude each other: one aggregation rule")
         if chosen and chosen[0] != "flower_strategy" and self.mode != "sync":
             raise ValueError(f"{chosen[0]} works with mode: sync only (rounds of deltas)")
+        if self.participation.policy != "all" and self.mode != "sync":
+            raise ValueError(
+                "participation works with mode: sync only (an asynchronous aggregator takes "
+                "whoever answers, whenever)"
+            )
         return self
 
     def min_count(self, children: int) -> int:

@@ -32,13 +32,20 @@ from hfl_mqtt.aggregation.base import (
     strategy_state,
 )
 from hfl_mqtt.aggregation.fedavg import FedAvg
+from hfl_mqtt.aggregation.participation import Participation
 from hfl_mqtt.aggregation.privacy import PrivateMean
-from hfl_mqtt.aggregation.robust import RobustAggregation
+from hfl_mqtt.aggregation.robust import RobustAggregation, l2_norm
 from hfl_mqtt.checkpoint import NodeState
 from hfl_mqtt.codec import Envelope, Header
 from hfl_mqtt.config import NodeConfig
 from hfl_mqtt.errors import ConfigError
-from hfl_mqtt.roles.aggregator_base import AggregatorBase, EventCallback, mean_metric
+from hfl_mqtt.roles.aggregator_base import (
+    MAX_PARTICIPANTS_TEXT,
+    AggregatorBase,
+    EventCallback,
+    MetricDict,
+    mean_metric,
+)
 from hfl_mqtt.roles.report import Arrival
 from hfl_mqtt.roles.uplinks import OpenLink
 from hfl_mqtt.tasks.base import Task
@@ -100,6 +107,11 @@ class Aggregator(AggregatorBase):
         self._deadline = 0.0
         self._deadline_logged = False
         self._last_participants: list[str] = []
+        self._participation = Participation(self.rounds_config.participation, self.children)
+        self._picked: list[str] | None = None
+        """The children asked to train in the open round; None: every child."""
+        self._opened = 0.0
+        self._selection_warned = False
         self._next_parent: tuple[Model, Header] | None = None
         """A parent model that came mid-round under an asynchronous parent: rebased onto at the
         round's end."""
@@ -142,16 +154,51 @@ class Aggregator(AggregatorBase):
         if self._streaming is not None:
             self._streaming.start(self.model)
         if republish:
-            await self._republish()
+            await self._republish()  # the version's own picks go out with it again
         else:
+            selection = self._pick(self.report.rounds + 1)
             await self._publish_model(
                 {
                     "round": self.report.rounds + 1,
                     **self.participants_metric(self._last_participants),
+                    **selection,
                 }
             )
-        self._deadline = time.monotonic() + self.rounds_config.deadline_s
+        self._opened = time.monotonic()
+        self._deadline = self._opened + self.rounds_config.deadline_s
         self._deadline_logged = False
+
+    def _pick(self, round_no: int) -> MetricDict:
+        """Choose the children to train in round ``round_no``: the header metric that says so
+        (``train``, or ``skip`` when shorter), nothing when every child trains."""
+        self._participation.children = list(self.children)
+        if self.rounds_config.participation.policy == "all":
+            self._picked = None
+            return {}
+        picked = self._participation.pick(round_no, self.rounds_config.deadline_s, self._offline)
+        left_out = [c for c in self.children if c not in picked]
+        self._picked = picked
+        if not left_out:
+            return {}
+        key, names = ("train", picked) if len(picked) <= len(left_out) else ("skip", left_out)
+        text = ",".join(names)
+        if len(text) > MAX_PARTICIPANTS_TEXT:
+            if not self._selection_warned:
+                self._selection_warned = True
+                self._log.warning(
+                    "too many children to name in a model header: every child trains",
+                    children=len(self.children),
+                )
+            self._picked = None
+            return {}
+        self._log.info("children picked", round=round_no, picked=len(picked), of=len(self.children))
+        return {key: text}
+
+    def _expected(self) -> list[str]:
+        """The children asked to train in the open round (every child without a policy)."""
+        if self._picked is None:
+            return list(self.children)
+        return [c for c in self._picked if c in self.children] or list(self.children)
 
     def _account_privacy(self) -> None:
         """Bring the privacy accountant up to the strategy's noised releases; report epsilon."""
@@ -170,6 +217,8 @@ class Aggregator(AggregatorBase):
             "cycle_round": self._cycle_round,
             "last_participants": self._last_participants,
             "next_parent": None,
+            "picked": self._picked,
+            "participation": self._participation.state(),
         }
         models: dict[str, Model] = {}
         if self._next_parent is not None:
@@ -187,6 +236,10 @@ class Aggregator(AggregatorBase):
     ) -> None:
         self._cycle_round = int(values["cycle_round"])
         self._last_participants = list(values["last_participants"])
+        picked = values.get("picked")
+        self._picked = None if picked is None else list(picked)
+        if "participation" in values:
+            self._participation.load(values["participation"])
         if values["next_parent"] is not None:
             version, participants = values["next_parent"]
             metrics = {} if participants is None else {"participants": participants}
@@ -243,6 +296,13 @@ class Aggregator(AggregatorBase):
         if delta is None:
             return
         update = self._update(envelope, delta)
+        loss = header.metrics.get("loss")
+        self._participation.answered(
+            child,
+            time.monotonic() - self._opened,
+            float(loss) if isinstance(loss, int | float) else None,
+            l2_norm(delta) if self.rounds_config.participation.policy == "contribution" else None,
+        )
         if self._streaming is not None:
             self._streaming.add(update)
             update = Update(child, self.version, {}, header.num_examples, header.update_id, {})
@@ -256,13 +316,15 @@ class Aggregator(AggregatorBase):
         collecting = self._collecting
         if collecting is None:
             return
+        expected = self._expected()
         answered = len(collecting)
-        needed = self.rounds_config.min_count(len(self.children))
-        everyone = answered == len(self.children)
-        # Every child not known to be offline has answered.
-        all_online = answered >= needed and answered + len(
-            self._offline - collecting.keys()
-        ) >= len(self.children)
+        heard = len(collecting.keys() & set(expected))
+        needed = self.rounds_config.min_count(len(expected))
+        everyone = heard == len(expected)
+        # Every child asked and not known to be offline has answered.
+        all_online = answered >= needed and heard + len(
+            (self._offline & set(expected)) - collecting.keys()
+        ) >= len(expected)
         past_deadline = time.monotonic() >= self._deadline
         if not (everyone or all_online or (past_deadline and answered >= needed)):
             if past_deadline and not self._deadline_logged:
@@ -275,6 +337,11 @@ class Aggregator(AggregatorBase):
 
     async def _close_round(self, updates: list[Update]) -> None:
         assert self.model is not None
+        if time.monotonic() >= self._deadline:
+            answered = {u.sender for u in updates}
+            for child in self._expected():
+                if child not in answered:
+                    self._participation.missed(child, self.rounds_config.deadline_s)
         self._collecting = None
         if self._streaming is not None:
             self.model = self._streaming.finish()

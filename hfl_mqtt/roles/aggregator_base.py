@@ -93,7 +93,7 @@ Step = Callable[[], Awaitable[None]]
 MetricDict = dict[str, float | int | str | bool]
 
 _MAX_COUNT = 2**53
-_MAX_PARTICIPANTS_TEXT = 4000
+MAX_PARTICIPANTS_TEXT = 4000
 """Longest ``participants`` list a model carries (header strings stop at 4096): beyond it the
 list is left out and children take their report as taken."""
 
@@ -534,7 +534,7 @@ class AggregatorBase(ABC):
     def participants_metric(senders: list[str]) -> MetricDict:
         """The children whose updates a model took, if the list fits in a header."""
         text = ",".join(sorted(senders))
-        return {"participants": text} if len(text) <= _MAX_PARTICIPANTS_TEXT else {}
+        return {"participants": text} if len(text) <= MAX_PARTICIPANTS_TEXT else {}
 
     # --- the parent's model ---------------------------------------------------------------------
 

@@ -61,6 +61,8 @@ class NodeReport:
     updates_accepted: int = 0
     updates_rejected: Counter[str] = field(default_factory=Counter)
     trained: int = 0
+    skipped: int = 0
+    """Models a worker was not picked to train on (the parent's participation policy)."""
     dropouts: int = 0
     """Times a worker's simulated device dropped out (``NodeConfig.device``)."""
     up: LinkStats | None = None
@@ -146,6 +148,7 @@ class NodeReport:
             "updates_accepted": self.updates_accepted,
             "updates_rejected": dict(self.updates_rejected),
             "trained": self.trained,
+            "skipped": self.skipped,
             "dropouts": self.dropouts,
             "arrivals": [
                 [round(a.seconds, 4), a.sender, a.staleness, a.weight] for a in self.arrivals

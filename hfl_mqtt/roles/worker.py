@@ -83,6 +83,17 @@ _SILENT = Incoming("", b"")
 _Kind = Literal["stop", "model", "status", "reparent", "silent"]
 
 
+def picked(header: Header, node: str) -> bool:
+    """Whether the parent's model ``header`` asks ``node`` to train (its ``train`` list, or not
+    in its ``skip`` list; neither: everyone)."""
+    train, skip = header.metrics.get("train"), header.metrics.get("skip")
+    if isinstance(train, str):
+        return node in train.split(",")
+    if isinstance(skip, str):
+        return node not in skip.split(",")
+    return True
+
+
 class Worker:
     """Trains on each model from the parent and sends the delta up.
 
@@ -285,6 +296,10 @@ class Worker:
         self._untaken = None  # the parent has moved on: it took our delta, or never will
         asynchronous = header.metrics.get("async") is True
         self._keep_training_on = (header, model) if asynchronous else None
+        if not picked(header, self.config.node):
+            self.report.skipped += 1
+            self._log.debug("not picked to train on this version", version=header.version)
+            return True
         await self._train_and_send(header, model)
         return True
 
