@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-dp bench-robust bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-dp bench-robust bench-participation bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench-dp: $(STAMP)
 bench-robust: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/robust_bench.py --json benchmarks/out/robust.json
+
+# Who trains each round, on the staleness benchmark's straggler setting (about 9 minutes).
+bench-participation: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/participation_bench.py --json benchmarks/out/participation.json
 
 bench-staleness: $(STAMP)
 	@mkdir -p benchmarks/out

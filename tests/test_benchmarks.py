@@ -176,3 +176,22 @@ def test_robust_bench_runs_each_rule_under_each_attack(tmp_path: Path) -> None:
         "flip4: median within 2 points of clean",
     }
     assert "| flip4 |" in robust_bench.render(result)
+
+
+@needs_mosquitto
+def test_participation_bench_runs_each_policy_on_the_straggler_setting(tmp_path: Path) -> None:
+    from benchmarks import participation_bench
+
+    out = tmp_path / "participation.json"
+    argv = ["--edges", "2", "--workers-per-edge", "4", "--budget-s", "4", "--seeds", "1"]
+    argv += ["--target", "0.5", "--policies", "all", "deadline", "random", "--json", str(out)]
+    assert participation_bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "participation"
+    assert [r["mode"] for r in result["records"]] == ["all", "deadline", "random"]
+    by_policy = {r["mode"]: r for r in result["records"]}
+    assert by_policy["all"]["skipped"] == 0
+    assert by_policy["random"]["skipped"] > 0  # half the workers left out a round
+    assert set(result["versus_all"]) == {"deadline", "random"}
+    assert "no worker starved: every one trained in every run" in result["targets"]
+    assert "| deadline |" in participation_bench.render(result)
