@@ -33,6 +33,10 @@ from typing import Any
 
 import structlog
 
+try:  # run as a module (tests) or as a script (python benchmarks/...)
+    from benchmarks.targets import print_targets, write_json
+except ImportError:
+    from targets import print_targets, write_json  # type: ignore[no-redef,import-not-found]
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.sim import simulate
 
@@ -189,11 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": check_targets(summary),
     }
     print(render(result), end="")
-    for name, verdict in result["targets"].items():
-        print(f"  {'met   ' if verdict['met'] else 'MISSED'} {name}: {json.dumps(verdict)}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    print_targets(result["targets"])
+    write_json(args.json, result)
     return 0
 
 

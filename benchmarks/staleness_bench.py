@@ -55,8 +55,10 @@ from typing import Any
 import structlog
 
 try:  # run as a module (tests) or as a script (python benchmarks/...)
+    from benchmarks.targets import print_targets, write_json
     from benchmarks.time_to_target import STAYS_FOR, reached_at
 except ImportError:
+    from targets import print_targets, write_json  # type: ignore[no-redef,import-not-found]
     from time_to_target import STAYS_FOR, reached_at  # type: ignore[no-redef,import-not-found]
 from hfl_mqtt.config import FederationConfig, HeterogeneityConfig, LevelConfig
 from hfl_mqtt.sim import configure_logging, read_evaluations, simulate
@@ -551,11 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sync_best: {best}")
     for mode, s in speedup.items():
         print(f"  {mode} against sync_best: {s}")
-    for name, verdict in targets.items():
-        print(f"  {'met   ' if verdict['met'] else 'MISSED'} {name}: {json.dumps(verdict)}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    print_targets(targets)
+    write_json(args.json, result)
     return 0
 
 
