@@ -51,6 +51,15 @@ def test_loss_picks_the_highest_recent_loss_after_the_unknown() -> None:
     assert p.pick(2, 10.0) == ["w4", "w5"]  # then the highest losses
 
 
+def test_a_child_picked_and_never_heard_from_ranks_last() -> None:
+    p = picker(policy="loss", fraction=0.25, smoothing=1.0)
+    assert p.pick(1, 10.0) == ["w0", "w1"]  # nothing known: in order
+    for child in CHILDREN[2:]:
+        p.answered(child, 1.0, loss=1.0)
+    # w0 and w1 never answered in time (a straggler's updates are refused as stale).
+    assert p.pick(2, 10.0) == ["w2", "w3"]
+
+
 def test_contribution_picks_the_largest_recent_deltas() -> None:
     p = picker(policy="contribution", fraction=0.25, smoothing=1.0)
     for i, child in enumerate(CHILDREN):

@@ -11,9 +11,10 @@ policy          each round picks
                 response times
 ==============  ===========================================================================
 
-Children never heard from yet come first (nothing is known of them); ties go to the child
-picked longest ago. With ``every_rounds`` = k, a child left out for k - 1 rounds in a row is
-picked in the next whatever the policy says: each takes part at least once every k rounds.
+Children never heard from come first (nothing is known of them), but those picked and never
+heard from in time (stragglers) come last; ties go to the child picked longest ago. With
+``every_rounds`` = k, a child left out for k - 1 rounds in a row is picked in the next whatever
+the policy says: each takes part at least once every k rounds.
 "Recent" is an exponential average (``smoothing``). Pure: the aggregator reports what it sees
 and asks for a pick; nothing here does I/O.
 """
@@ -92,15 +93,22 @@ class Participation:
         return [c for c in self.children if c in chosen]
 
     def _ranked(self, candidates: list[str], policy: str) -> list[str]:
-        """Candidates best first: unknown ones, then by the policy's score, then by the round
-        they were last picked (oldest first)."""
+        """Candidates best first: nothing known of them, then heard from (by the policy's
+        score), then picked and never heard from in time; ties: picked longest ago first."""
         if policy == "random":
             order = self._rng.permutation(len(candidates))
             return [candidates[int(i)] for i in order]
         scores: Mapping[str, float] = self.loss if policy == "loss" else self.contribution
+
+        def tier(child: str) -> int:
+            if child in scores:
+                return 1
+            # Picked and never heard from: its updates came too late (a straggler).
+            return 2 if child in self.last_picked else 0
+
         return sorted(
             candidates,
-            key=lambda c: (c in scores, -scores.get(c, 0.0), self.last_picked.get(c, 0)),
+            key=lambda c: (tier(c), -scores.get(c, 0.0), self.last_picked.get(c, 0)),
         )
 
     def answered(
