@@ -44,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from hfl_mqtt.aggregation.auto_rounds import AutoRounds
 from hfl_mqtt.aggregation.flower_strategy import FlowerStrategyConfig
 from hfl_mqtt.aggregation.participation import ParticipationConfig
 from hfl_mqtt.aggregation.privacy import CentralPrivacy, LocalPrivacy
@@ -190,8 +191,11 @@ class RoundConfig(_Frozen):
     """``sync``: rounds that wait for the children; ``fedasync``: fold every update in as it
     arrives; ``fedbuff``: fold every ``buffer_size`` updates. See docs/asynchronous.md."""
     rounds: Annotated[int, Field(ge=1)] = 1
-    """sync: rounds with the children before reporting up (tau). At the root: the global rounds
-    (sync) or the model versions (fedasync, fedbuff) before the federation stops."""
+    """sync: rounds with the children before reporting up (tau); ``auto``: chosen each cycle
+    to fit the run's deadline (``auto_rounds``, docs/auto-rounds.md). At the root: the global
+    rounds (sync) or the model versions (fedasync, fedbuff) before the federation stops."""
+    auto_rounds: AutoRounds | None = None
+    """Set by ``rounds: auto`` (or given with its settings): the deadline and the bound."""
     deadline_s: Annotated[float, Field(gt=0)] = 30.0
     """After this long a round closes with whoever answered, if there are enough of them."""
     min_fraction: Fraction = 0.5
@@ -266,6 +270,19 @@ class RoundConfig(_Frozen):
                     "server_lr does not apply with flower_strategy: give the strategy's own "
                     "(e.g. FedAdam's eta, FedAvgM's server_learning_rate) in its options"
                 )
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rounds_auto(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("rounds") == "auto":
+            data = {**data, "rounds": 1, "auto_rounds": data.get("auto_rounds") or {}}
+        return data
+
+    @model_validator(mode="after")
+    def _auto_rounds_are_sync(self) -> RoundConfig:
+        if self.auto_rounds is not None and self.mode != "sync":
+            raise ValueError("rounds: auto works with mode: sync only (rounds before a report)")
         return self
 
     @model_validator(mode="after")
@@ -579,6 +596,9 @@ class NodeConfig(_Frozen):
     chunk_size: Annotated[int, Field(ge=1024)] = 1 << 20
     device: DeviceConfig | None = None
     """A worker's simulated device (slower compute and link, dropouts); None: as it is."""
+    uplink_latency_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Simulation, an aggregator's: one-way latency added to its link to its parent (each
+    report up and each parent model wait this long; the aggregator waits with them)."""
     state_dir: ConfigPath | None = None
     """An aggregator's checkpoints (and, at the root, its models); default: under
     ``$HFL_MQTT_STATE_DIR``, systemd's ``$STATE_DIRECTORY`` or ``~/.local/state/hfl-mqtt``, in
@@ -603,6 +623,15 @@ class NodeConfig(_Frozen):
             raise ValueError(NEEDS_PARTITION)
         if self.device is not None and self.downstream is not None:
             raise ValueError("device applies to workers only (a node without downstream)")
+        if self.uplink_latency_s and (self.downstream is None or self.upstream is None):
+            raise ValueError(
+                "uplink_latency_s applies to aggregators with a parent (a worker's link: device)"
+            )
+        auto = self.downstream.auto_rounds if self.downstream is not None else None
+        if auto is not None and (self.upstream is None and self.flower_parent is None):
+            raise ValueError("rounds: auto applies below the root (the root's are global rounds)")
+        if auto is not None and auto.deadline_s is None:
+            raise ValueError("rounds: auto needs auto_rounds.deadline_s (the run's deadline)")
         if self.downstream is not None and self.upstream and self.upstream.local_privacy:
             raise ValueError(
                 "local_privacy applies to workers only (an aggregator uses downstream privacy)"
@@ -641,6 +670,10 @@ class LevelConfig(RoundConfig):
     local_privacy: LocalPrivacy | None = None
     """The workers' level only: local differential privacy on every worker
     (``UpstreamConfig.local_privacy``)."""
+    link_latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Simulation, an aggregator level below the root: one-way latency added to each of its
+    nodes' links to their parents (``NodeConfig.uplink_latency_s``; a worker's link is the
+    ``heterogeneity`` block's)."""
 
     _codecs = field_validator("uplink_codec", "downlink_codec", "downlink_delta_codec")(
         _check_codec
@@ -690,11 +723,30 @@ class FederationConfig(_Frozen):
         names = [level.name for level in self.levels]
         if len(set(names)) != len(names):
             raise ValueError("level names must be unique")
+        root = self.levels[0]
+        if root.auto_rounds is not None:
+            raise ValueError(
+                "levels.0.rounds: auto applies below the root (the root's rounds are the global "
+                "rounds: give it max_seconds, the deadline the levels below fit into)"
+            )
+        for depth, level in enumerate(self.levels[1:-1], start=1):
+            auto = level.auto_rounds
+            if auto is not None and auto.deadline_s is None and root.max_seconds is None:
+                raise ValueError(
+                    f"levels.{depth}.rounds: auto needs a deadline: the root's max_seconds, or "
+                    "auto_rounds.deadline_s"
+                )
         for rule in ("robust", "privacy"):
             if getattr(self.levels[-1], rule) is not None:
                 raise ValueError(
                     f"levels.{len(self.levels) - 1}.{rule}: the workers' level aggregates "
                     "nothing (for privacy on the workers: local_privacy)"
+                )
+        for depth, level in enumerate(self.levels):
+            if level.link_latency_ms and depth in (0, len(self.levels) - 1):
+                raise ValueError(
+                    f"levels.{depth}.link_latency_ms applies to the levels between the root and "
+                    "the workers (a worker's link: heterogeneity.latency_ms)"
                 )
         for depth, level in enumerate(self.levels[:-1]):
             if level.local_privacy is not None:
@@ -715,6 +767,17 @@ class FederationConfig(_Frozen):
         for f in self.fanout:
             count *= f
         return count
+
+    def _round_settings(self, level: LevelConfig) -> dict[str, Any]:
+        """``level``'s round settings for its nodes; ``rounds: auto`` gets the root's
+        ``max_seconds`` as its deadline unless it names one."""
+        settings = level.round_config()
+        auto = level.auto_rounds
+        if auto is not None and auto.deadline_s is None:
+            settings["auto_rounds"] = auto.model_copy(
+                update={"deadline_s": self.levels[0].max_seconds}
+            )
+        return settings
 
     def tree(self) -> dict[str, list[str]]:
         """Children of every aggregator, by node id: the root is named after the top level, the
@@ -792,7 +855,7 @@ class FederationConfig(_Frozen):
                     delta_codec=level.downlink_delta_codec,
                     keyframe_every=level.keyframe_every,
                     adoptees=adoptees.get(node, []),
-                    **level.round_config(),
+                    **self._round_settings(level),
                 )
             configs.append(
                 NodeConfig(
@@ -806,6 +869,7 @@ class FederationConfig(_Frozen):
                     level=d,
                     chunk_size=self.chunk_size,
                     device=devices[workers.index(node)] if devices and node not in tree else None,
+                    uplink_latency_s=level.link_latency_ms / 1000 if node in parents else 0.0,
                     metrics_interval_s=self.metrics_interval_s
                     if node in tree
                     else self.worker_metrics_interval_s,

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hfl_mqtt.accounting import PrivacyAccountant, require_accounting
+from hfl_mqtt.aggregation.auto_rounds import RoundsChooser
 from hfl_mqtt.aggregation.base import (
     Model,
     RoundStrategy,
@@ -112,6 +113,12 @@ class Aggregator(AggregatorBase):
         """The children asked to train in the open round; None: every child."""
         self._opened = 0.0
         self._selection_warned = False
+        auto = self.rounds_config.auto_rounds
+        self._chooser = RoundsChooser(auto) if auto is not None and not self.is_root else None
+        self._cycle_rounds = self.rounds_config.rounds
+        """The rounds of the current cycle (chosen at its start with ``rounds: auto``)."""
+        self._reported_at: float | None = None
+        self._children_codec = ""
         self._next_parent: tuple[Model, Header] | None = None
         """A parent model that came mid-round under an asynchronous parent: rebased onto at the
         round's end."""
@@ -133,6 +140,9 @@ class Aggregator(AggregatorBase):
     # --- the parent's model ---------------------------------------------------------------------
 
     async def _parent_model(self, model: Model, header: Header) -> None:
+        if self._chooser is not None and self._reported_at is not None:
+            self._chooser.up_took(time.monotonic() - self._reported_at)
+            self._reported_at = None
         if self.ledger.parent_async and self.model is not None and self.ledger.anchor is not None:
             if self._collecting is not None:
                 self._next_parent = (model, header)  # taken in when this round closes
@@ -156,6 +166,8 @@ class Aggregator(AggregatorBase):
         if republish:
             await self._republish()  # the version's own picks go out with it again
         else:
+            if self._cycle_round == 0:
+                self._choose_cycle_rounds()
             selection = self._pick(self.report.rounds + 1)
             await self._publish_model(
                 {
@@ -167,6 +179,23 @@ class Aggregator(AggregatorBase):
         self._opened = time.monotonic()
         self._deadline = self._opened + self.rounds_config.deadline_s
         self._deadline_logged = False
+
+    def _choose_cycle_rounds(self) -> None:
+        """``rounds: auto``: the rounds of the cycle starting now, from what was measured."""
+        chooser, auto = self._chooser, self.rounds_config.auto_rounds
+        if chooser is None or auto is None or auto.deadline_s is None:
+            return
+        remaining = auto.deadline_s - (time.monotonic() - self._started)
+        self._cycle_rounds = chooser.rounds(remaining)
+        self.report.rounds_chosen.append(self._cycle_rounds)
+        self._log.info(
+            "rounds chosen",
+            rounds=self._cycle_rounds,
+            round_s=chooser.round_s,
+            up_s=chooser.up_s,
+            q=round(chooser.q, 4),
+            remaining_s=round(remaining, 2),
+        )
 
     def _pick(self, round_no: int) -> MetricDict:
         """Choose the children to train in round ``round_no``: the header metric that says so
@@ -219,6 +248,8 @@ class Aggregator(AggregatorBase):
             "next_parent": None,
             "picked": self._picked,
             "participation": self._participation.state(),
+            "cycle_rounds": self._cycle_rounds,
+            "auto_rounds": None if self._chooser is None else self._chooser.state(),
         }
         models: dict[str, Model] = {}
         if self._next_parent is not None:
@@ -240,6 +271,10 @@ class Aggregator(AggregatorBase):
         self._picked = None if picked is None else list(picked)
         if "participation" in values:
             self._participation.load(values["participation"])
+        self._cycle_rounds = int(values.get("cycle_rounds", self.rounds_config.rounds))
+        if self._chooser is not None and values.get("auto_rounds") is not None:
+            self._chooser.load(values["auto_rounds"])
+            self.report.rounds_chosen = list(self._chooser.chosen)
         if values["next_parent"] is not None:
             version, participants = values["next_parent"]
             metrics = {} if participants is None else {"participants": participants}
@@ -296,6 +331,9 @@ class Aggregator(AggregatorBase):
         if delta is None:
             return
         update = self._update(envelope, delta)
+        if self._chooser is not None and header.codec != self._children_codec:
+            self._children_codec = header.codec
+            self._chooser.children_codec(header.codec)
         loss = header.metrics.get("loss")
         self._participation.answered(
             child,
@@ -337,6 +375,8 @@ class Aggregator(AggregatorBase):
 
     async def _close_round(self, updates: list[Update]) -> None:
         assert self.model is not None
+        if self._chooser is not None:
+            self._chooser.round_took(time.monotonic() - self._opened)
         if time.monotonic() >= self._deadline:
             answered = {u.sender for u in updates}
             for child in self._expected():
@@ -374,8 +414,9 @@ class Aggregator(AggregatorBase):
             else:
                 await self._start_round()
             return
-        if self._cycle_round >= self.rounds_config.rounds:
+        if self._cycle_round >= self._cycle_rounds:
             self.ledger.weigh(examples)
+            self._reported_at = time.monotonic()  # the round trip up counts from here
             await self._report_up(len(updates), mean_metric(updates, "loss"))
             if not self.ledger.parent_async:
                 return  # wait for the parent's next model

@@ -555,6 +555,8 @@ class AggregatorBase(ABC):
             return
         if taken != "new":  # older versions (a replay of the stream's history) are no news
             return
+        if self.config.uplink_latency_s:  # a simulated slow link from the parent
+            await asyncio.sleep(self.config.uplink_latency_s)
         assert stream.header is not None
         assert stream.model is not None
         header = stream.header
@@ -627,6 +629,8 @@ class AggregatorBase(ABC):
         topic = up_topic(self.config.federation, self.parent, self.config.node)
         self._untaken = (report.base_version, topic, payload)
         self.report.sent_ids.append(update_id)
+        if self.config.uplink_latency_s:  # a simulated slow link to the parent
+            await asyncio.sleep(self.config.uplink_latency_s)
         await self.uplinks.publish(topic, payload)
         if self.checkpoints is not None and self.checkpoints.every:
             await self._save_checkpoint()  # the ledger moved: a resume must not report it again

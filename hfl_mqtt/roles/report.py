@@ -62,6 +62,8 @@ class NodeReport:
     updates_rejected: Counter[str] = field(default_factory=Counter)
     trained: int = 0
     skipped: int = 0
+    rounds_chosen: list[int] = field(default_factory=list)
+    """An aggregator with ``rounds: auto``: the rounds it chose for each cycle."""
     """Models a worker was not picked to train on (the parent's participation policy)."""
     dropouts: int = 0
     """Times a worker's simulated device dropped out (``NodeConfig.device``)."""
@@ -149,6 +151,7 @@ class NodeReport:
             "updates_rejected": dict(self.updates_rejected),
             "trained": self.trained,
             "skipped": self.skipped,
+            "rounds_chosen": self.rounds_chosen,
             "dropouts": self.dropouts,
             "arrivals": [
                 [round(a.seconds, 4), a.sender, a.staleness, a.weight] for a in self.arrivals
