@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-dp bench-robust bench-participation bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-dp bench-robust bench-participation bench-tau bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-robust: $(STAMP)
 bench-participation: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/participation_bench.py --json benchmarks/out/participation.json
+
+# rounds: auto against fixed rounds under one deadline, 3- and 4-level trees (about 12 minutes).
+bench-tau: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/tau_bench.py --json benchmarks/out/tau.json
 
 bench-staleness: $(STAMP)
 	@mkdir -p benchmarks/out
