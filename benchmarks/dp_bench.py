@@ -239,7 +239,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the records as JSON to FILE")
     parser.add_argument("--plot", metavar="PNG", type=Path, help="accuracy against epsilon")
     parser.add_argument("--render", metavar="JSON", type=Path, help="print RESULTS.md's table")

@@ -159,15 +159,14 @@ def render(result: dict[str, Any]) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    staleness_bench.add_setting_arguments(parser)  # the straggler setting, as it measures it
     parser.add_argument("--policies", nargs="*", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--deadline", type=float, default=0.25, help="the edges' round deadline")
     parser.add_argument("--min-fraction", type=float, default=0.5, help="of the picked workers")
     parser.add_argument("--fraction", type=float, default=0.5, help="random, loss, contribution")
     parser.add_argument("--every-rounds", type=int, default=4, help="fairness bound")
-    mine, rest = parser.parse_known_args(argv)
-    shared = staleness_bench.parse(rest)  # the setting, and --json, --render, --seeds, ...
-    return argparse.Namespace(**vars(shared), **vars(mine))
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -447,10 +447,37 @@ def _cell(s: dict[str, Any], unit: str) -> str:
 # --- main -----------------------------------------------------------------------------------------
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The straggler setting's options (the tree, the devices, the budget, the target, how
+    bytes are counted), for this benchmark and those run on the same setting."""
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     parser.add_argument("--render", type=Path, metavar="JSON", help="print RESULTS.md's tables")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--edges", type=int, default=4)
+    parser.add_argument("--workers-per-edge", type=int, default=8)
+    parser.add_argument("--stragglers", type=float, default=0.25)
+    parser.add_argument("--slowdown", type=float, default=10.0)
+    parser.add_argument("--compute-s", type=float, default=0.2, help="a fast device's run time")
+    parser.add_argument("--budget-s", type=float, default=30.0, help="wall clock per run")
+    parser.add_argument("--target", type=float, default=0.90, help="test accuracy to reach")
+    parser.add_argument(
+        "--downlink-delta-codec", help="every mode: models down as deltas in this codec"
+    )
+    parser.add_argument("--keyframe-every", type=int, default=20, help="with delta coding")
+    parser.add_argument("--proximal-mu", type=float, default=0.0)
+    parser.add_argument("--processes", type=int, default=None, help="worker processes")
+    parser.add_argument(
+        "--meter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bytes on the wire (else: payload bytes, as the root heard of them)",
+    )
+    parser.add_argument("--out", type=Path, help="keep each run's files here")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    add_setting_arguments(parser)
     parser.add_argument("--async-modes", nargs="*", choices=ASYNC_MODES, default=list(ASYNC_MODES))
     parser.add_argument(
         "--wait-all",
@@ -460,14 +487,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--deadlines", type=float, nargs="*", default=[0.25, 0.5, 1.0])
     parser.add_argument("--min-fractions", type=float, nargs="*", default=[0.5, 0.75])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--edges", type=int, default=4)
-    parser.add_argument("--workers-per-edge", type=int, default=8)
-    parser.add_argument("--stragglers", type=float, default=0.25)
-    parser.add_argument("--slowdown", type=float, default=10.0)
-    parser.add_argument("--compute-s", type=float, default=0.2, help="a fast device's run time")
-    parser.add_argument("--budget-s", type=float, default=30.0, help="wall clock per run")
-    parser.add_argument("--target", type=float, default=0.90, help="test accuracy to reach")
     parser.add_argument("--buffer-size", type=int, default=4, help="FedBuff's K")
     parser.add_argument("--mixing", type=float, default=0.5, help="FedAsync's a")
     parser.add_argument("--report-every", type=int, default=8, help="async edges report after")
@@ -483,19 +502,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="async edges: publish a rebased model at once (else with the next step)",
     )
-    parser.add_argument(
-        "--downlink-delta-codec", help="every mode: models down as deltas in this codec"
-    )
-    parser.add_argument("--keyframe-every", type=int, default=20, help="with delta coding")
-    parser.add_argument("--proximal-mu", type=float, default=0.0)
-    parser.add_argument("--processes", type=int, default=None, help="worker processes")
-    parser.add_argument(
-        "--meter",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bytes on the wire (else: payload bytes, as the root heard of them)",
-    )
-    parser.add_argument("--out", type=Path, help="keep each run's files here")
     return parser.parse_args(argv)
 
 

@@ -165,7 +165,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the records as JSON to FILE")
     parser.add_argument("--render", metavar="JSON", type=Path, help="print RESULTS.md's table")
     parser.add_argument("--trees", nargs="*", choices=TREES, default=list(TREES))

@@ -736,12 +736,17 @@ class FederationConfig(_Frozen):
                     f"levels.{depth}.rounds: auto needs a deadline: the root's max_seconds, or "
                     "auto_rounds.deadline_s"
                 )
-        for rule in ("robust", "privacy"):
+        for rule, hint in (("robust", ""), ("privacy", " (on the workers: local_privacy)")):
             if getattr(self.levels[-1], rule) is not None:
                 raise ValueError(
                     f"levels.{len(self.levels) - 1}.{rule}: the workers' level aggregates "
-                    "nothing (for privacy on the workers: local_privacy)"
+                    f"nothing{hint}"
                 )
+        for depth, (level, children) in enumerate(zip(self.levels, self.fanout, strict=False)):
+            if level.privacy is not None:
+                problem = level.privacy.budget_problem(children)
+                if problem is not None:
+                    raise ValueError(f"levels.{depth}.privacy: {problem}")
         for depth, level in enumerate(self.levels):
             if level.link_latency_ms and depth in (0, len(self.levels) - 1):
                 raise ValueError(

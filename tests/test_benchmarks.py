@@ -195,3 +195,26 @@ def test_participation_bench_runs_each_policy_on_the_straggler_setting(tmp_path:
     assert set(result["versus_all"]) == {"deadline", "random"}
     assert "no worker starved: every one trained in every run" in result["targets"]
     assert "| deadline |" in participation_bench.render(result)
+
+
+@needs_mosquitto
+def test_tau_bench_compares_auto_with_fixed_rounds_on_both_trees(tmp_path: Path) -> None:
+    from benchmarks import tau_bench
+
+    out = tmp_path / "tau.json"
+    argv = ["--seeds", "1", "--deadline-s", "3", "--taus", "1", "auto", "--edges", "2"]
+    argv += ["--workers-per-edge", "2", "--json", str(out)]
+    assert tau_bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "tau"
+    assert [(r["tree"], r["tau"]) for r in result["records"]] == [
+        ("3-level", "1"),
+        ("3-level", "auto"),
+        ("4-level", "1"),
+        ("4-level", "auto"),
+    ]
+    for record in result["records"]:
+        assert record["cloud_rounds"] >= 1
+        assert bool(record["rounds_chosen"]) == (record["tau"] == "auto")
+    assert len(result["targets"]) == 4
+    assert "| 4-level |" in tau_bench.render(result)

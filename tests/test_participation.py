@@ -77,7 +77,7 @@ def test_deadline_skips_the_children_predicted_late() -> None:
     slow = picker(policy="deadline", smoothing=1.0)
     for child in CHILDREN:
         slow.answered(child, 20.0 + CHILDREN.index(child))
-    assert slow.pick(1, 10.0) == ["w0"]  # all late: the quickest rather than nobody
+    assert slow.pick(1, 10.0) == CHILDREN  # all late (a slow start): the predictions are off
 
 
 @pytest.mark.parametrize("policy", ["random", "loss", "contribution", "deadline"])

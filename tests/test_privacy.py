@@ -140,6 +140,25 @@ def test_settings_are_checked() -> None:
                 "fanout": [2],
             }
         )
+    with pytest.raises(ValidationError, match=r"levels\.1\.privacy: count_noise 0\.4 must exceed"):
+        FederationConfig.model_validate(
+            {
+                "levels": [
+                    {"name": "c"},
+                    {
+                        "name": "e",
+                        "privacy": {
+                            "clip_norm": 1,
+                            "noise_multiplier": 1,
+                            "target_quantile": 0.5,
+                            "count_noise": 0.4,
+                        },
+                    },
+                    {"name": "w"},
+                ],
+                "fanout": [2, 2],
+            }
+        )
     with pytest.raises(ValidationError, match=r"levels\.0\.local_privacy: local privacy applies"):
         FederationConfig.model_validate(
             {

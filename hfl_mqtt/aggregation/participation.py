@@ -86,8 +86,8 @@ class Participation:
         if self.config.every_rounds is not None:
             due = round_no - self.config.every_rounds  # left out since: k rounds without it
             chosen |= {c for c in candidates if self.last_picked.get(c, 0) <= due}
-        if not chosen:  # every child predicted late: ask the quickest, rather than nobody
-            chosen = {min(candidates, key=lambda c: self.seconds.get(c, 0.0))}
+        if not chosen:  # every child predicted late (a slow start?): the predictions are off
+            chosen = set(candidates)
         for child in chosen:
             self.last_picked[child] = round_no
         return [c for c in self.children if c in chosen]

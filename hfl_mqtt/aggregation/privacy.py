@@ -64,6 +64,22 @@ class CentralPrivacy(_PrivacyBase):
     """Adaptive clipping: the noise on the count of unclipped deltas; None: the larger of
     children / 20 (the paper's choice) and ``noise_multiplier``."""
 
+    def count_noise_for(self, children: int) -> float:
+        """The count's noise with ``children`` children (0 without adaptive clipping)."""
+        if self.target_quantile is None or self.noise_multiplier == 0:
+            return 0.0
+        return self.count_noise or max(children / 20, self.noise_multiplier)
+
+    def budget_problem(self, children: int) -> str | None:
+        """Why these settings leave the delta sum no privacy budget, if they do."""
+        sigma = self.count_noise_for(children)
+        if sigma and 2 * sigma <= self.noise_multiplier:
+            return (
+                f"count_noise {sigma:g} must exceed noise_multiplier / 2 "
+                f"({self.noise_multiplier / 2:g}): the count's noise takes a share of the budget"
+            )
+        return None
+
 
 class LocalPrivacy(_PrivacyBase):
     """Local DP on a worker (``local_privacy`` of the workers' level or of a worker's
@@ -102,15 +118,12 @@ class PrivateMean:
         self.clip_norm = settings.clip_norm
         self.rounds = 0
         z = settings.noise_multiplier
-        self.count_noise = 0.0
+        self.count_noise = settings.count_noise_for(children)
         self.sum_noise_multiplier = z
-        if settings.target_quantile is not None and z > 0:
-            self.count_noise = settings.count_noise or max(children / 20, z)
-            if 2 * self.count_noise <= z:
-                raise ValueError(
-                    f"privacy.count_noise {self.count_noise:g} must exceed noise_multiplier / 2 "
-                    f"({z / 2:g}): the count's noise takes a share of the privacy budget"
-                )
+        if self.count_noise:
+            problem = settings.budget_problem(children)
+            if problem is not None:
+                raise ValueError(f"privacy.{problem}")
             self.sum_noise_multiplier = (z**-2 - (2 * self.count_noise) ** -2) ** -0.5
         self._rng = np.random.default_rng(settings.seed)
 
