@@ -30,7 +30,6 @@ import asyncio
 import json
 import logging
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -40,9 +39,13 @@ from typing import Any
 import structlog
 
 try:  # run as a module (tests) or as a script (python benchmarks/...)
-    from benchmarks.targets import print_targets, write_json
+    from benchmarks.targets import accuracy_spread, print_targets, write_json
 except ImportError:
-    from targets import print_targets, write_json  # type: ignore[no-redef,import-not-found]
+    from targets import (  # type: ignore[no-redef,import-not-found]
+        accuracy_spread,
+        print_targets,
+        write_json,
+    )
 from hfl_mqtt.accounting import noise_for_epsilon
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.sim import simulate
@@ -130,20 +133,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median and range of the final accuracy per (kind, target epsilon)."""
-    points: dict[tuple[str, float | None], list[float]] = {}
-    for r in records:
-        points.setdefault((r["kind"], r["epsilon_target"]), []).append(r["final_accuracy"])
-    return [
-        {
-            "kind": kind,
-            "epsilon": epsilon,
-            "accuracy_median": round(statistics.median(values), 4),
-            "accuracy_min": round(min(values), 4),
-            "accuracy_max": round(max(values), 4),
-            "seeds": len(values),
-        }
-        for (kind, epsilon), values in points.items()
-    ]
+    rows = accuracy_spread(records, ("kind", "epsilon_target"), "final_accuracy")
+    return [{"kind": r.pop("kind"), "epsilon": r.pop("epsilon_target")} | r for r in rows]
 
 
 def check_targets(records: list[dict[str, Any]], summary: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import platform
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -34,9 +33,13 @@ from typing import Any
 import structlog
 
 try:  # run as a module (tests) or as a script (python benchmarks/...)
-    from benchmarks.targets import print_targets, write_json
+    from benchmarks.targets import accuracy_spread, print_targets, write_json
 except ImportError:
-    from targets import print_targets, write_json  # type: ignore[no-redef,import-not-found]
+    from targets import (  # type: ignore[no-redef,import-not-found]
+        accuracy_spread,
+        print_targets,
+        write_json,
+    )
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.sim import simulate
 
@@ -97,19 +100,8 @@ def run(args: argparse.Namespace, seed: int, rule: str, attack: str | None) -> d
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    points: dict[tuple[str, str], list[float]] = {}
-    for r in records:
-        points.setdefault((r["attack"], r["rule"]), []).append(r["final_accuracy"])
-    return [
-        {
-            "attack": attack,
-            "rule": rule,
-            "accuracy_median": round(statistics.median(v), 4),
-            "accuracy_min": round(min(v), 4),
-            "accuracy_max": round(max(v), 4),
-        }
-        for (attack, rule), v in points.items()
-    ]
+    """Median and range of the final accuracy per (attack, rule)."""
+    return accuracy_spread(records, ("attack", "rule"), "final_accuracy")
 
 
 def check_targets(summary: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import asyncio
 import json
 import logging
 import platform
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -37,9 +36,13 @@ from typing import Any
 import structlog
 
 try:  # run as a module (tests) or as a script (python benchmarks/...)
-    from benchmarks.targets import print_targets, write_json
+    from benchmarks.targets import accuracy_spread, print_targets, write_json
 except ImportError:
-    from targets import print_targets, write_json  # type: ignore[no-redef,import-not-found]
+    from targets import (  # type: ignore[no-redef,import-not-found]
+        accuracy_spread,
+        print_targets,
+        write_json,
+    )
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.sim import configure_logging, simulate
 
@@ -113,19 +116,8 @@ def run(tree: str, tau: str, seed: int, order: int, args: argparse.Namespace) ->
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    points: dict[tuple[str, str], list[float]] = {}
-    for r in records:
-        points.setdefault((r["tree"], r["tau"]), []).append(r["accuracy_at_deadline"] or 0.0)
-    return [
-        {
-            "tree": tree,
-            "tau": tau,
-            "accuracy_median": round(statistics.median(v), 4),
-            "accuracy_min": round(min(v), 4),
-            "accuracy_max": round(max(v), 4),
-        }
-        for (tree, tau), v in points.items()
-    ]
+    """Median and range of the accuracy at the deadline per (tree, tau)."""
+    return accuracy_spread(records, ("tree", "tau"), "accuracy_at_deadline")
 
 
 def check_targets(summary: list[dict[str, Any]]) -> dict[str, Any]:
