@@ -45,7 +45,7 @@ from pydantic import (
 )
 
 from hfl_mqtt.aggregation.auto_rounds import AutoRounds
-from hfl_mqtt.aggregation.flower_strategy import FlowerStrategyConfig
+from hfl_mqtt.aggregation.flower_config import FlowerStrategyConfig
 from hfl_mqtt.aggregation.participation import ParticipationConfig
 from hfl_mqtt.aggregation.privacy import CentralPrivacy, LocalPrivacy
 from hfl_mqtt.aggregation.robust import RobustRule
@@ -398,11 +398,11 @@ def _check_server_address(value: str) -> str:
 
 class FlowerParentConfig(_Frozen):
     """A stock Flower server as the node's parent: the node joins it as a Flower client, and
-    each ``fit`` runs a cycle of its subtree (``hfl_mqtt/roles/flower_parent.py``)."""
+    each ``fit`` runs a cycle of its subtree (``hfl_mqtt/flower/parent.py``)."""
 
     server_address: Annotated[str, AfterValidator(_check_server_address)] | None = None
     """The Flower server's address, ``HOST:PORT`` (a legacy gRPC server, ``start_server``);
-    None under a SuperNode, which runs the node as its ClientApp (``hfl_mqtt.flower_app``)."""
+    None under a SuperNode, which runs the node as its ClientApp (``hfl_mqtt.flower.edge_app``)."""
     root_certificates: Path | None = None
     """PEM file of the root certificates for a TLS server; None: an insecure connection."""
     connect_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0

@@ -5,8 +5,8 @@
   into the task's torch model. Needs the ``torch`` extra.
 - ``flower``: a Flower ``ArrayRecord`` (one ``numpy.ndarray`` ``Array`` per tensor, keyed by name),
   serialized as Flower's own protobuf message ``flwr.proto.recorddict_pb2.ArrayRecord``, the
-  form it takes inside Flower's messages; ``read_flower`` reads it back. Needs the ``flower``
-  extra.
+  form it takes inside Flower's messages; ``hfl_mqtt.flower.codec.read_array_record`` reads
+  it back. Needs the ``flower`` extra (its plug-in writes it).
 - ``npz``: what ``np.savez`` writes, the tensor names as keys (``np.load(path)[name]``).
 
 Files are written atomically, at exactly the path given.
@@ -19,18 +19,16 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import numpy as np
 
 from hfl_mqtt.aggregation.base import Model
 from hfl_mqtt.files import atomic_write
+from hfl_mqtt.plugins import flower
 from hfl_mqtt.registry import ModelCard, load_model
 
-if TYPE_CHECKING:
-    from flwr.app import ArrayRecord
-
-__all__ = ["FORMATS", "ExportFormat", "encode", "export", "read_flower"]
+__all__ = ["FORMATS", "ExportFormat", "encode", "export"]
 
 ExportFormat = Literal["torch", "flower", "npz"]
 FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
@@ -60,12 +58,7 @@ def encode(model: Model, fmt: ExportFormat) -> bytes:
         return buffer.getvalue()
     if fmt == "flower":
         with _extra("flower", "flower"):
-            from flwr.common.serde import array_record_to_proto
-
-            from hfl_mqtt.codec.flower import arrays_to_array_record
-
-            record = arrays_to_array_record(model, "npy")
-            return bytes(array_record_to_proto(record).SerializeToString())
+            return flower().encode_model(model)
     if fmt == "npz":
         # np.savez's layout (one uncompressed NAME.npy member per tensor), written here because
         # np.savez takes the names as keyword arguments, where "file" would collide.
@@ -91,15 +84,3 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, data)
     return card
-
-
-def read_flower(path: Path | str) -> ArrayRecord:
-    """The ``ArrayRecord`` of a file written by ``export(..., "flower", ...)``."""
-    with _extra("flower", "flower"):
-        from flwr.common.serde import array_record_from_proto
-        from flwr.proto.recorddict_pb2 import ArrayRecord as ArrayRecordProto
-
-    record: ArrayRecord = array_record_from_proto(
-        ArrayRecordProto.FromString(Path(path).read_bytes())
-    )
-    return record

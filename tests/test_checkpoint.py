@@ -165,7 +165,8 @@ def test_a_compressor_goes_on_with_the_same_randomness_and_residuals() -> None:
 @pytest.mark.flower
 @pytest.mark.parametrize("name", ["FedAdam", "FedAvgM"])
 def test_a_flower_server_optimizer_goes_on_with_its_moments(name: str) -> None:
-    from hfl_mqtt.aggregation.flower_strategy import FlowerStrategy, FlowerStrategyConfig
+    from hfl_mqtt.aggregation.flower_config import FlowerStrategyConfig
+    from hfl_mqtt.flower.strategy import FlowerStrategy
 
     options = {"server_momentum": 0.9, "server_learning_rate": 0.5} if name == "FedAvgM" else {}
     config = FlowerStrategyConfig(name=name, options=options)

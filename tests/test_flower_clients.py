@@ -21,11 +21,11 @@ from pydantic import ValidationError
 
 from hfl_mqtt.config import FederationConfig, LevelConfig, load_federation
 from hfl_mqtt.errors import ConfigError
+from hfl_mqtt.flower.client import FIT_CONFIG_KEYS, FlowerClientTask, fit_config
 from hfl_mqtt.roles import run_node
 from hfl_mqtt.sim import simulate
 from hfl_mqtt.tasks import RoundAware, Task, TaskConfig, TaskError, TrainConfig, load_task
 from hfl_mqtt.tasks.base import import_callable
-from hfl_mqtt.tasks.flower_client import FIT_CONFIG_KEYS, FlowerClientTask, fit_config
 from hfl_mqtt.transport.memory import MemoryBroker
 from tests.fakes import memory_links, needs_mosquitto
 
@@ -560,7 +560,7 @@ def test_without_flwr_a_flower_client_says_what_to_install() -> None:
     script = (
         "import sys\n"
         "sys.modules['flwr'] = None\n"
-        "import hfl_mqtt.tasks.flower_client\n"
+        "import hfl_mqtt.flower.client\n"
         "from hfl_mqtt.tasks import TaskConfig, TaskError, load_task\n"
         "try:\n"
         "    load_task(TaskConfig(flower_client='builtins:abs'), 0, 2)\n"

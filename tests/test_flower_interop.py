@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from typing import Any
 
 import msgpack
@@ -35,17 +33,6 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from hfl_mqtt.codec import Compressor, DecodeLimits, EncodedTensor, ModelSpec, decode_tensor
-from hfl_mqtt.codec.flower import (
-    HFL_TENSOR_TYPE,
-    array_record_to_arrays,
-    arrays_to_array_record,
-    from_array_record,
-    from_parameters,
-    state_dict_to_tensors,
-    tensors_to_state_dict,
-    to_array_record,
-    to_parameters,
-)
 from hfl_mqtt.codec.npy import NPY_STYPE, npy_bytes
 from hfl_mqtt.errors import (
     DecodeError,
@@ -55,6 +42,17 @@ from hfl_mqtt.errors import (
     SchemaError,
     SizeLimitError,
     UnsupportedError,
+)
+from hfl_mqtt.flower.codec import (
+    HFL_TENSOR_TYPE,
+    array_record_to_arrays,
+    arrays_to_array_record,
+    from_array_record,
+    from_parameters,
+    state_dict_to_tensors,
+    tensors_to_state_dict,
+    to_array_record,
+    to_parameters,
 )
 
 pytestmark = pytest.mark.flower
@@ -481,40 +479,3 @@ def test_fuzzed_flower_input_raises_only_decode_errors(
         with contextlib.suppress(DecodeError):
             for t in from_parameters(Parameters(items, tensor_type), ["w"]):
                 decode_tensor(t)
-
-
-# --- optional dependency -------------------------------------------------------------------------
-
-_ISOLATION = """
-import importlib, pkgutil, sys
-sys.modules["flwr"] = None  # any "import flwr..." now fails
-import hfl_mqtt
-for info in pkgutil.walk_packages(hfl_mqtt.__path__, "hfl_mqtt."):
-    if info.name != "hfl_mqtt.codec.flower" and not info.name.endswith("__main__"):
-        importlib.import_module(info.name)
-sys.modules["torch"] = None
-import numpy as np
-from hfl_mqtt.codec import flower
-from hfl_mqtt.codec import Compressor
-tensors = Compressor().encode({"w": np.zeros(2)})
-for call, extra in [
-    (lambda: flower.to_array_record(tensors), "flower"),
-    (lambda: flower.to_parameters(tensors), "flower"),
-    (lambda: flower.tensors_to_state_dict(tensors), "torch"),
-]:
-    try:
-        call()
-    except ImportError as exc:
-        assert f"pip install 'hfl-mqtt[{extra}]'" in str(exc), exc
-    else:
-        raise AssertionError("no ImportError")
-print("ok")
-"""
-
-
-def test_core_never_imports_flwr_and_flower_module_imports_without_it() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _ISOLATION], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"

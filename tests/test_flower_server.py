@@ -3,7 +3,7 @@
 Flower's legacy ``start_server`` with FedAvg and centralized evaluation runs in a thread; two
 edges join it as Flower clients, each with three workers on a private Mosquitto broker; every
 node runs in this process (``run_node``). The Flower ``ClientApp`` of the Message API
-(``hfl_mqtt.flower_app``) is called as a SuperNode calls it, with real workers under it.
+(``hfl_mqtt.flower.edge_app``) is called as a SuperNode calls it, with real workers under it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from flwr.server import History, ServerConfig, start_server
 from flwr.server.strategy import FedAvg
 
 from hfl_mqtt.brokers import MosquittoBroker
-from hfl_mqtt.codec.flower import arrays_to_array_record
 from hfl_mqtt.config import BrokerAddress, FederationConfig, FlowerParentConfig, NodeConfig
 from hfl_mqtt.errors import FlowerParentError
+from hfl_mqtt.flower.codec import arrays_to_array_record
+from hfl_mqtt.flower.parent import beneath_flower_server
 from hfl_mqtt.roles import NodeReport, run_node
-from hfl_mqtt.roles.flower_parent import beneath_flower_server
 from hfl_mqtt.tasks.base import load_task
 from tests.fakes import needs_mosquitto
 
@@ -276,7 +276,7 @@ def test_flower_parent_config_is_checked() -> None:
 async def test_the_client_app_trains_its_subtree_per_message(
     start_broker: StartBroker, tmp_path: Path
 ) -> None:
-    from hfl_mqtt.flower_app import app
+    from hfl_mqtt.flower.edge_app import app
 
     broker = start_broker()
     config = federation("flower-app")

@@ -1,4 +1,4 @@
-"""Flower's legacy strategies as our aggregators (``hfl_mqtt.aggregation.flower_strategy``).
+"""Flower's legacy strategies as our aggregators (``hfl_mqtt.flower.strategy``).
 
 Tables of random models and deltas (seeded): our FedAvg against Flower's; each supported
 strategy through the adapter against Flower's own ``aggregate_fit`` on the ``FitRes`` list a
@@ -38,7 +38,8 @@ from flwr.common import (
 from flwr.server import strategy as fl
 from flwr.server.client_proxy import ClientProxy
 
-from hfl_mqtt.aggregation import FedAvg, FlowerStrategy, FlowerStrategyConfig, Update
+from hfl_mqtt.aggregation import FedAvg, Update
+from hfl_mqtt.aggregation.flower_config import FlowerStrategyConfig
 from hfl_mqtt.config import (
     ConfigError,
     DownstreamConfig,
@@ -47,6 +48,7 @@ from hfl_mqtt.config import (
     NodeConfig,
     load_federation,
 )
+from hfl_mqtt.flower.strategy import FlowerStrategy
 from hfl_mqtt.roles import run_node
 from hfl_mqtt.roles.node import round_strategy
 from hfl_mqtt.sim import read_evaluations, simulate

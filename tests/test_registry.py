@@ -15,8 +15,9 @@ import pytest
 
 from hfl_mqtt.cli import main
 from hfl_mqtt.errors import EncodeError, HflError, ModelFileError
-from hfl_mqtt.export import encode, export, read_flower
+from hfl_mqtt.export import encode, export
 from hfl_mqtt.files import atomic_write
+from hfl_mqtt.flower.codec import read_array_record
 from hfl_mqtt.registry import ModelCard, ModelRegistry, load_model
 from hfl_mqtt.tasks.numpy_models import init_params
 
@@ -327,7 +328,7 @@ def test_export_flower_round_trips_with_flower(registry_dir: Path, tmp_path: Pat
     for (name, array), ndarray in zip(model(2).items(), record.to_numpy_ndarrays(), strict=True):
         np.testing.assert_array_equal(ndarray, array)
         np.testing.assert_array_equal(record[name].numpy(), array)
-    assert list(read_flower(out)) == list(model(2))
+    assert list(read_array_record(out)) == list(model(2))
 
 
 def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,9 @@ the node's status and Last Will (its parent watches it there); the root puts the
 downstream link. An aggregator whose parent and children share a broker uses one connection
 for both, under its own id as client id (so a broker ACL's ``%c`` rules apply to it); a move
 to a fallback parent on another broker opens one more, under the same id (``roles/uplinks.py``).
-An aggregator with a ``flower_parent`` instead of an upstream link serves a Flower server
-(``roles/flower_parent.py``) and, like the root, keeps its status on its downstream link.
+An aggregator with a ``flower_parent`` instead of an upstream link serves a Flower server and,
+like the root, keeps its status on its downstream link; the ``flower`` plug-in runs it
+(``hfl_mqtt.plugins``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from hfl_mqtt.aggregation.base import RoundStrategy
-from hfl_mqtt.aggregation.flower_strategy import FlowerStrategy
 from hfl_mqtt.checkpoint import CheckpointStore, NodeState
 from hfl_mqtt.config import NEEDS_PARTITION, BrokerAddress, NodeConfig
 from hfl_mqtt.errors import ConfigError
+from hfl_mqtt.plugins import flower
 from hfl_mqtt.roles.aggregator import Aggregator, EventCallback, native_strategy
 from hfl_mqtt.roles.async_aggregator import AsyncAggregator
-from hfl_mqtt.roles.flower_parent import run_under_flower_server
 from hfl_mqtt.roles.messages import status_payload
 from hfl_mqtt.roles.report import NodeReport
 from hfl_mqtt.roles.worker import Worker
@@ -136,8 +136,8 @@ async def run_node(
         evaluator = task if up is None else None
         if config.flower_parent is not None:  # a Flower server above: it drives the cycles
             assert evaluator is not None
-            return await run_under_flower_server(
-                config, down, task=evaluator, strategy=strategy, on_event=on_event
+            return await flower().run_driven(
+                config, down, task=evaluator, strategy=strategy, on_event=on_event, stop=stop
             )
         is_async = config.downstream is not None and config.downstream.is_async
         if is_async:
@@ -196,7 +196,7 @@ def round_strategy(config: NodeConfig) -> RoundStrategy | None:
     if downstream is None:
         return None
     if downstream.flower_strategy is not None:
-        return FlowerStrategy.from_config(downstream.flower_strategy, node=config.node)
+        return flower().round_strategy(downstream.flower_strategy, config.node)
     return native_strategy(config)
 
 

@@ -8,9 +8,9 @@ cross this interface as named float32 numpy arrays, named like a torch state dic
 ``TaskConfig.factory`` names the callable that builds a task (``"module:callable"``), so a user
 can point it at their own code; the built-in factory is ``hfl_mqtt.tasks.builtin:make_task``.
 ``TaskConfig.flower_client`` instead names a function returning an unmodified Flower client
-(``hfl_mqtt.tasks.flower_client``). A module not found on ``sys.path`` is looked for in the
-current directory, as ``python -m`` would, so ``hfl-mqtt sim`` run from a project's root finds
-the project's modules (its worker processes inherit the path).
+(the ``flower`` plug-in: ``hfl_mqtt.flower.client``). A module not found on ``sys.path`` is
+looked for in the current directory, as ``python -m`` would, so ``hfl-mqtt sim`` run from a
+project's root finds the project's modules (its worker processes inherit the path).
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class TaskConfig(BaseModel):
     ``flower_client`` (``"module:fn"``, ``fn(partition_id)``, ``fn(partition_id,
     num_partitions)`` or Flower's ``fn(context)``, returning a Flower client) replaces the
     factory, data set and model settings; ``flower_evaluate`` (a Flower strategy's
-    ``evaluate_fn``) is then the root's evaluation. See ``hfl_mqtt.tasks.flower_client``.
+    ``evaluate_fn``) is then the root's evaluation. See ``hfl_mqtt.flower.client``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -351,9 +351,9 @@ def load_task(config: TaskConfig, partition: int | None, num_partitions: int) ->
     if partition is not None and not 0 <= partition < num_partitions:
         raise TaskError(f"partition {partition} is outside [0, {num_partitions})")
     if config.flower_client is not None:
-        from hfl_mqtt.tasks.flower_client import make_flower_task
+        from hfl_mqtt.plugins import flower  # the plug-ins' interface imports this module
 
-        return make_flower_task(config, partition, num_partitions)
+        return flower().load_task(config, partition, num_partitions)
     factory = import_callable(config.factory)
     task = factory(config, partition, num_partitions)
     if not isinstance(task, Task):

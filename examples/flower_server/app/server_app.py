@@ -1,6 +1,6 @@
 """A Flower ServerApp (Message API) with FedAvg, evaluated centrally, over hfl-mqtt edges.
 
-Each edge is a SuperNode whose ClientApp is ``hfl_mqtt.flower_app:app``: a ``train`` message
+Each edge is a SuperNode whose ClientApp is ``hfl_mqtt.flower.edge_app:app``: a ``train`` message
 runs the edge's MQTT subtree for its ``rounds`` rounds and replies with the aggregate.
 """
 
@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from hfl_mqtt.codec.flower import array_record_to_arrays, arrays_to_array_record
+from hfl_mqtt.flower.codec import array_record_to_arrays, arrays_to_array_record
 from hfl_mqtt.tasks.base import TaskConfig, load_task
 
 TASK = TaskConfig(dataset="digits", model="mlp")

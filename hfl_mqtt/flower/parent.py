@@ -19,7 +19,7 @@ an edge is one ordinary Flower client whose data is its whole subtree:
 
 Flower's legacy ``Parameters`` carry no tensor names: tensors travel in the order of the task's
 ``get_weights()``, and what the server sends is checked against the task's model like any
-peer's message (``hfl_mqtt.codec.flower``).
+peer's message (``hfl_mqtt.flower.codec``).
 
 Two ways in:
 
@@ -32,7 +32,7 @@ Two ways in:
   the edge ends with ``FlowerParentError`` and leaves its children running, as a crashed edge
   would: they go on once it is back.
 - ``train_subtree``: one cycle on a connection of its own, for a Flower ``ClientApp`` that a
-  SuperNode runs (``hfl_mqtt.flower_app``, the Message API).
+  SuperNode runs (``hfl_mqtt.flower.edge_app``, the Message API).
 
 ``flwr`` is imported only inside the functions that talk to Flower.
 """
@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from hfl_mqtt.aggregation.base import Model, RoundStrategy
 from hfl_mqtt.codec import Compressor, Header, ModelSpec, decode_tensor
-from hfl_mqtt.codec.flower import from_parameters, to_parameters
 from hfl_mqtt.config import FlowerParentConfig, NodeConfig
 from hfl_mqtt.errors import ConfigError, DecodeError, FlowerParentError
+from hfl_mqtt.flower.codec import from_parameters, to_parameters
 from hfl_mqtt.roles.aggregator import Aggregator, EventCallback
 from hfl_mqtt.roles.aggregator_base import MetricDict
 from hfl_mqtt.roles.report import NodeReport

@@ -37,6 +37,7 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -70,10 +71,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HFL_TENSOR_TYPE",
+    "array_record_bytes",
     "array_record_to_arrays",
     "arrays_to_array_record",
     "from_array_record",
     "from_parameters",
+    "read_array_record",
     "state_dict_to_tensors",
     "tensors_to_state_dict",
     "to_array_record",
@@ -96,7 +99,7 @@ def _extra(extra: str) -> Iterator[None]:
         yield
     except ImportError as exc:
         raise ImportError(
-            f"{exc.name or 'a dependency'} is not installed, and hfl_mqtt.codec.flower needs "
+            f"{exc.name or 'a dependency'} is not installed, and hfl_mqtt.flower.codec needs "
             f"it here: pip install 'hfl-mqtt[{extra}]'"
         ) from exc
 
@@ -330,3 +333,23 @@ def _checked(tensor: EncodedTensor, limits: DecodeLimits) -> EncodedTensor:
 
 def _decode_all(tensors: Iterable[EncodedTensor], limits: DecodeLimits) -> dict[str, np.ndarray]:
     return {t.name: decode_tensor(t, limits) for t in tensors}
+
+
+def array_record_bytes(model: Mapping[str, np.ndarray]) -> bytes:
+    """``model`` as Flower's serialized ``ArrayRecord`` protobuf message (npy tensors)."""
+    with _extra("flower"):
+        from flwr.common.serde import array_record_to_proto
+
+    return bytes(array_record_to_proto(arrays_to_array_record(model, "npy")).SerializeToString())
+
+
+def read_array_record(path: Path | str) -> ArrayRecord:
+    """The ``ArrayRecord`` of a file written by ``hfl-mqtt export --format flower``."""
+    with _extra("flower"):
+        from flwr.common.serde import array_record_from_proto
+        from flwr.proto.recorddict_pb2 import ArrayRecord as ArrayRecordProto
+
+    record: ArrayRecord = array_record_from_proto(
+        ArrayRecordProto.FromString(Path(path).read_bytes())
+    )
+    return record

@@ -383,7 +383,7 @@ def _flower_params(params: Mapping[str, Any]) -> dict[str, bool | float | int | 
     if clash:
         raise TaskError(
             f"task.params {clash}: these fit config keys come from task.train "
-            "(see hfl_mqtt.tasks.flower_client)"
+            "(see hfl_mqtt.flower.client)"
         )
     for key, value in params.items():
         # Both a config value and a run_config value (which may not be bytes).

@@ -8,7 +8,7 @@ and its ``downstream`` children)::
     flower-supernode --insecure --superlink 127.0.0.1:9092 \\
         --node-config 'hfl-config="edges/edge-0.yaml"'
 
-and the Flower app's ``pyproject.toml`` names ``hfl_mqtt.flower_app:app`` as its client app.
+and the Flower app's ``pyproject.toml`` names ``hfl_mqtt.flower.edge_app:app`` as its client app.
 
 - ``train``: the message's ``arrays`` become the parent's model; the edge connects to its
   broker, runs one cycle of ``rounds`` rounds with its children (``train_subtree``), and
@@ -31,9 +31,9 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from hfl_mqtt.aggregation.base import Model
-from hfl_mqtt.codec.flower import array_record_to_arrays, arrays_to_array_record
 from hfl_mqtt.config import NodeConfig, load_node
 from hfl_mqtt.errors import ConfigError, DecodeError, FlowerParentError
+from hfl_mqtt.flower.codec import array_record_to_arrays, arrays_to_array_record
 from hfl_mqtt.tasks.base import Task, load_task
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ NODE_CONFIG_KEY = "hfl-config"
 
 
 def make_client_app() -> ClientApp:
-    """A ClientApp with ``train`` and ``evaluate`` (what ``hfl_mqtt.flower_app:app`` is)."""
+    """A ClientApp with ``train`` and ``evaluate`` (what ``hfl_mqtt.flower.edge_app:app`` is)."""
     from flwr.clientapp import ClientApp
 
     client_app = ClientApp()
@@ -69,7 +69,7 @@ def train(message: Message, context: Context) -> Message:
     """Run one cycle of the edge's subtree from the message's arrays; reply the aggregate."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from hfl_mqtt.roles.flower_parent import train_subtree
+    from hfl_mqtt.flower.parent import train_subtree
 
     config = _node_config(context)
     task = load_task(config.task, None, config.num_partitions)
