@@ -639,6 +639,14 @@ class NodeConfig(_Frozen):
         return self
 
     @property
+    def flower_driven(self) -> bool:
+        """Flower drives this aggregator (the ``flower`` plug-in runs it): a Flower server is
+        its parent, or it is the root of a Flower app's run (``task.flower_app``)."""
+        return self.flower_parent is not None or (
+            self.role == "root" and self.task.flower_app is not None
+        )
+
+    @property
     def role(self) -> Literal["root", "aggregator", "worker"]:
         if self.upstream is None and self.flower_parent is None:
             return "root"

@@ -36,17 +36,21 @@ GROUP = "hfl_mqtt.plugins"
 class FlowerPlugin(Protocol):
     """What the core asks of the ``flower`` plug-in."""
 
-    def load_task(self, config: TaskConfig, partition: int | None, num_partitions: int) -> Task:
-        """The task of ``config.flower_client`` or ``config.client_app`` for ``partition``."""
+    def load_task(
+        self,
+        config: TaskConfig,
+        partition: int | None,
+        num_partitions: int,
+        *,
+        federation: str,
+        node: str,
+    ) -> Task:
+        """The task of ``config.flower_client``, or the ClientApp of ``config.flower_app``, for
+        ``partition`` of node ``node``."""
         ...
 
     def round_strategy(self, config: FlowerStrategyConfig, node: str) -> RoundStrategy:
         """A level's Flower strategy, built and checked (``ConfigError`` if it cannot be)."""
-        ...
-
-    def drives(self, config: NodeConfig) -> bool:
-        """Whether Flower drives this aggregator (a Flower server above it, or a ServerApp at
-        it) rather than its own loop."""
         ...
 
     async def run_driven(
@@ -54,12 +58,13 @@ class FlowerPlugin(Protocol):
         config: NodeConfig,
         down: LinkBase,
         *,
-        task: Task,
+        task: Task | None,
         strategy: RoundStrategy | None,
         on_event: EventCallback | None,
         stop: asyncio.Event | None,
     ) -> NodeReport:
-        """Run an aggregator that ``drives`` says Flower drives, until Flower ends it."""
+        """Run an aggregator Flower drives (``NodeConfig.flower_driven``) until Flower ends it:
+        an edge under a Flower server, or the root under a Flower app's ServerApp."""
         ...
 
     def encode_model(self, model: Model) -> bytes:

@@ -32,8 +32,8 @@ from hfl_mqtt.config import (
     NodeConfig,
     load_federation,
 )
-from hfl_mqtt.roles import NodeReport, run_node
 from hfl_mqtt.flower.parent import beneath_flower_server
+from hfl_mqtt.roles import NodeReport, run_node
 from hfl_mqtt.sim import configure_logging
 
 HERE = Path(__file__).resolve().parent

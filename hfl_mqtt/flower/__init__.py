@@ -9,12 +9,16 @@ functions that need it, so the package itself loads without Flower installed.
 - ``strategy``: a legacy Flower strategy as a level's aggregation.
 - ``parent``: an aggregator whose parent is a Flower server (legacy gRPC) or a SuperNode.
 - ``edge_app``: the ClientApp a SuperNode runs for an edge (``hfl_mqtt.flower.edge_app:app``).
+- ``app``, ``app_task``, ``grid``: a Flower app (Message API) on the tree, ``task.flower_app``:
+  its ServerApp at the root through an MQTT ``Grid``, its ClientApp in every worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
+
+from hfl_mqtt.errors import ConfigError, TaskError
 
 if TYPE_CHECKING:
     from hfl_mqtt.aggregation.base import Model, RoundStrategy
@@ -31,31 +35,61 @@ __all__ = ["FlowerPlugin", "plugin"]
 class FlowerPlugin:
     """The ``flower`` plug-in (``hfl_mqtt.plugins.FlowerPlugin``)."""
 
-    def load_task(self, config: TaskConfig, partition: int | None, num_partitions: int) -> Task:
-        from hfl_mqtt.flower.client import make_flower_task
+    def load_task(
+        self,
+        config: TaskConfig,
+        partition: int | None,
+        num_partitions: int,
+        *,
+        federation: str,
+        node: str,
+    ) -> Task:
+        if config.flower_app is None:
+            from hfl_mqtt.flower.client import make_flower_task
 
-        return make_flower_task(config, partition, num_partitions)
+            return make_flower_task(config, partition, num_partitions)
+        from hfl_mqtt.flower.app import load_flower_app, node_id
+        from hfl_mqtt.flower.app_task import ClientAppTask
+
+        if partition is None:
+            raise TaskError(
+                "a Flower app's ClientApp is a worker's task: the root runs its ServerApp"
+            )
+        app = load_flower_app(config.flower_app, config.params)
+        from flwr.app import Context, RecordDict
+
+        context = Context(
+            run_id=node_id(federation),
+            node_id=node_id(node),
+            node_config={"partition-id": partition, "num-partitions": num_partitions},
+            state=RecordDict(),
+            run_config=dict(app.run_config),
+        )
+        return ClientAppTask(app.client_app(), context)
 
     def round_strategy(self, config: FlowerStrategyConfig, node: str) -> RoundStrategy:
         from hfl_mqtt.flower.strategy import FlowerStrategy
 
         return FlowerStrategy.from_config(config, node=node)
 
-    def drives(self, config: NodeConfig) -> bool:
-        return config.flower_parent is not None
-
     async def run_driven(
         self,
         config: NodeConfig,
         down: LinkBase,
         *,
-        task: Task,
+        task: Task | None,
         strategy: RoundStrategy | None,
         on_event: EventCallback | None,
         stop: asyncio.Event | None,
     ) -> NodeReport:
+        if config.flower_parent is None:
+            from hfl_mqtt.flower.grid import run_server_app
+
+            return await run_server_app(config, down, on_event=on_event, stop=stop)
         from hfl_mqtt.flower.parent import run_under_flower_server
 
+        if task is None:
+            raise ConfigError(f"{config.node}: an edge under a Flower server needs its task")
         return await run_under_flower_server(
             config, down, task=task, strategy=strategy, on_event=on_event
         )

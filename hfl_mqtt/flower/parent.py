@@ -207,7 +207,14 @@ class SubtreeAggregator(Aggregator):
         )
         await self._parent_model({k: v.copy() for k, v in model.items()}, header)
 
-    async def _report_up(self, participants: int, loss: float | None) -> None:
+    async def _report_up(
+        self,
+        participants: int,
+        loss: float | None,
+        reply: MetricDict | None = None,
+        *,
+        codec: Compressor | None = None,
+    ) -> None:
         """The cycle is done: its aggregate answers the pending fit (instead of a delta up)."""
         tree_bytes, tree_messages = self.tree_traffic()
         metrics: MetricDict = {

@@ -47,6 +47,7 @@ from hfl_mqtt.roles.aggregator_base import (
     MetricDict,
     mean_metric,
 )
+from hfl_mqtt.roles.instructions import ZERO_DELTA, Instruction, combine_replies, instruction_of
 from hfl_mqtt.roles.report import Arrival
 from hfl_mqtt.roles.uplinks import OpenLink
 from hfl_mqtt.tasks.base import Task
@@ -122,6 +123,14 @@ class Aggregator(AggregatorBase):
         self._next_parent: tuple[Model, Header] | None = None
         """A parent model that came mid-round under an asynchronous parent: rebased onto at the
         round's end."""
+        self.instruction: Instruction | None = None
+        """What the current cycle's versions ask of the workers (``roles/instructions.py``):
+        the parent's, passed on; None: train, as the aggregator's own loop decides."""
+
+    @property
+    def evaluating(self) -> bool:
+        """The cycle evaluates the model instead of training it (one round, model unchanged)."""
+        return self.instruction is not None and self.instruction.do == "evaluate"
 
     async def _begin(self) -> None:
         await self._start_round()
@@ -140,6 +149,7 @@ class Aggregator(AggregatorBase):
     # --- the parent's model ---------------------------------------------------------------------
 
     async def _parent_model(self, model: Model, header: Header) -> None:
+        self.instruction = instruction_of(header.metrics)
         if self._chooser is not None and self._reported_at is not None:
             self._chooser.up_took(time.monotonic() - self._reported_at)
             self._reported_at = None
@@ -167,13 +177,18 @@ class Aggregator(AggregatorBase):
             await self._republish()  # the version's own picks go out with it again
         else:
             if self._cycle_round == 0:
-                self._choose_cycle_rounds()
+                if self.evaluating:
+                    self._cycle_rounds = 1
+                else:
+                    self._cycle_rounds = self.rounds_config.rounds
+                    self._choose_cycle_rounds()
             selection = self._pick(self.report.rounds + 1)
             await self._publish_model(
                 {
                     "round": self.report.rounds + 1,
                     **self.participants_metric(self._last_participants),
                     **selection,
+                    **(self.instruction.header_entries() if self.instruction else {}),
                 }
             )
         self._opened = time.monotonic()
@@ -205,6 +220,16 @@ class Aggregator(AggregatorBase):
             self._picked = None
             return {}
         picked = self._participation.pick(round_no, self.rounds_config.deadline_s, self._offline)
+        selection = self._selection(picked)
+        if selection:
+            self._log.info(
+                "children picked", round=round_no, picked=len(picked), of=len(self.children)
+            )
+        return selection
+
+    def _selection(self, picked: list[str]) -> MetricDict:
+        """Ask ``picked`` (not the other children) to train: the header metric that says so
+        (``train``, or ``skip`` when shorter), nothing when every child is picked."""
         left_out = [c for c in self.children if c not in picked]
         self._picked = picked
         if not left_out:
@@ -220,7 +245,6 @@ class Aggregator(AggregatorBase):
                 )
             self._picked = None
             return {}
-        self._log.info("children picked", round=round_no, picked=len(picked), of=len(self.children))
         return {key: text}
 
     def _expected(self) -> list[str]:
@@ -341,9 +365,12 @@ class Aggregator(AggregatorBase):
             float(loss) if isinstance(loss, int | float) else None,
             l2_norm(delta) if self.rounds_config.participation.policy == "contribution" else None,
         )
-        if self._streaming is not None:
+        if self._streaming is not None and not self.evaluating:
             self._streaming.add(update)
-            update = Update(child, self.version, {}, header.num_examples, header.update_id, {})
+        if self._streaming is not None or self.evaluating:
+            update = Update(
+                child, self.version, {}, header.num_examples, header.update_id, header.metrics
+            )
         self._collecting[child] = update
         self.report.accept(
             Arrival(time.monotonic() - self._started, child, 0, 1.0), header.update_id
@@ -383,13 +410,19 @@ class Aggregator(AggregatorBase):
                 if child not in answered:
                     self._participation.missed(child, self.rounds_config.deadline_s)
         self._collecting = None
-        if self._streaming is not None:
+        if self.evaluating:
+            pass  # the deltas are zero: the model stays as it is
+        elif self._streaming is not None:
             self.model = self._streaming.finish()
         else:
             self.model = self.strategy.aggregate(self.model, updates)
         self.report.rounds += 1
         self._cycle_round += 1
-        left_out = self.strategy.outliers if isinstance(self.strategy, RobustAggregation) else {}
+        left_out = (
+            self.strategy.outliers
+            if isinstance(self.strategy, RobustAggregation) and not self.evaluating
+            else {}
+        )
         self._last_participants = [u.sender for u in updates if u.sender not in left_out]
         examples = sum(u.num_examples for u in updates if u.sender not in left_out)
         self._account_privacy()
@@ -417,7 +450,13 @@ class Aggregator(AggregatorBase):
         if self._cycle_round >= self._cycle_rounds:
             self.ledger.weigh(examples)
             self._reported_at = time.monotonic()  # the round trip up counts from here
-            await self._report_up(len(updates), mean_metric(updates, "loss"))
+            replies = combine_replies((u.num_examples, u.metrics) for u in updates)
+            await self._report_up(
+                len(updates),
+                mean_metric(updates, "loss"),
+                replies,
+                codec=ZERO_DELTA if self.evaluating else None,
+            )
             if not self.ledger.parent_async:
                 return  # wait for the parent's next model
             self._cycle_round = 0

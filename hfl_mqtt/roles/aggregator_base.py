@@ -38,7 +38,7 @@ import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import structlog
@@ -101,6 +101,10 @@ list is left out and children take their report as taken."""
 class AggregatorBase(ABC):
     """An edge, region or cloud node: updates from its children, deltas to its parent."""
 
+    driven: ClassVar[bool] = False
+    """A root driven from outside (``roles/driven_root.py``) takes its models from its driver,
+    and needs no evaluator."""
+
     def __init__(
         self,
         config: NodeConfig,
@@ -132,7 +136,7 @@ class AggregatorBase(ABC):
         self.uplinks = _uplinks(config, down, up, open_link)
         """``up``, and the links to fallback parents on other brokers (``open_link``)."""
         self.is_root = config.role == "root"
-        if self.is_root and evaluator is None:
+        if self.is_root and evaluator is None and not self.driven:
             raise ValueError("the root needs an evaluator task (its initial model and test data)")
         self.evaluator = evaluator
         # A delta may not take the model beyond what the downlink can carry (fp16: 65504).
@@ -288,9 +292,9 @@ class AggregatorBase(ABC):
             await self._resume(self._resume_from)
             self._resume_from = None
         elif self.is_root:
-            assert self.evaluator is not None
-            self.model = await asyncio.to_thread(self.evaluator.get_weights)
-            self.spec = ModelSpec.from_arrays(self.model)
+            if self.evaluator is not None:
+                self.model = await asyncio.to_thread(self.evaluator.get_weights)
+                self.spec = ModelSpec.from_arrays(self.model)
             await self._begin()
         while not self._finished:
             timeout = self._wakeup_in()
@@ -594,8 +598,17 @@ class AggregatorBase(ABC):
 
     # --- reporting up ---------------------------------------------------------------------------
 
-    async def _report_up(self, participants: int, loss: float | None) -> None:
-        """Send ``x - anchor`` against the parent's version (``UpstreamLedger.report``)."""
+    async def _report_up(
+        self,
+        participants: int,
+        loss: float | None,
+        reply: MetricDict | None = None,
+        *,
+        codec: Compressor | None = None,
+    ) -> None:
+        """Send ``x - anchor`` against the parent's version (``UpstreamLedger.report``), with
+        the subtree's ``reply`` to the parent's instruction (``roles/instructions.py``), in
+        ``codec`` (default: the uplink's)."""
         assert self.uplinks is not None
         assert self.config.upstream is not None
         assert self.model is not None
@@ -614,6 +627,7 @@ class AggregatorBase(ABC):
         }
         if loss is not None:
             metrics["loss"] = loss
+        metrics.update(reply or {})
         report = self.ledger.report(self.model, max_examples=_MAX_COUNT)
         update_id = new_update_id()
         payload = delta_message(
@@ -622,7 +636,7 @@ class AggregatorBase(ABC):
             report.base_version,
             report.delta,
             report.examples,
-            self._up_codec,
+            codec or self._up_codec,
             metrics,
             update_id=update_id,
         )

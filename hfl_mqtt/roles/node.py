@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -100,11 +101,22 @@ async def run_node(
     if config.role == "worker" and task is None and config.partition is None:
         raise ConfigError(f"node {config.node}: {NEEDS_PARTITION} (or a ready task)")
     trains_or_evaluates = config.downstream is None or config.upstream is None
+    if config.role == "root" and config.task.flower_app is not None:
+        trains_or_evaluates = False  # the Flower app's ServerApp evaluates, if it does
     if task is None and trains_or_evaluates:
         # Before connecting, and off the event loop: loading data can take seconds on a
         # board, and a bad task fails before the node shows up online.
         partition = config.partition if config.downstream is None else None
-        task = await asyncio.to_thread(load_task, config.task, partition, config.num_partitions)
+        task = await asyncio.to_thread(
+            functools.partial(
+                load_task,
+                config.task,
+                partition,
+                config.num_partitions,
+                federation=config.federation,
+                node=config.node,
+            )
+        )
     async with contextlib.AsyncExitStack() as stack:
         up = down = None
         if config.upstream is not None:
@@ -134,8 +146,7 @@ async def run_node(
             assert task is not None
             return await Worker(config, up, task, open_link=open_link).run(stop)
         evaluator = task if up is None else None
-        if config.flower_parent is not None:  # a Flower server above: it drives the cycles
-            assert evaluator is not None
+        if config.flower_driven:  # a Flower server above, or a ServerApp at the root
             return await flower().run_driven(
                 config, down, task=evaluator, strategy=strategy, on_event=on_event, stop=stop
             )
@@ -168,8 +179,8 @@ def _node_state(config: NodeConfig, mode: Checkpoints | None) -> NodeState | Non
     downstream = config.downstream
     if mode is None:
         mode = "resume" if config.state_dir is not None else "off"
-    # A Flower server above drives the cycles and keeps the state: nothing to resume here.
-    if mode == "off" or downstream is None or config.flower_parent is not None:
+    # Flower drives the cycles and keeps the state: nothing to resume here.
+    if mode == "off" or downstream is None or config.flower_driven:
         return None
     store = CheckpointStore.for_node(config)
     if mode == "fresh":

@@ -43,9 +43,10 @@ from hfl_mqtt.aggregation.base import Model, subtract
 from hfl_mqtt.aggregation.privacy import privatize
 from hfl_mqtt.codec import Compressor, Header, ModelSpec
 from hfl_mqtt.config import NodeConfig
-from hfl_mqtt.errors import DecodeError
+from hfl_mqtt.errors import DecodeError, TaskError
 from hfl_mqtt.metrics import NodeNow, metrics_publisher
 from hfl_mqtt.roles.downlink import DownlinkFollower
+from hfl_mqtt.roles.instructions import ZERO_DELTA, Instruction, instruction_of, reply_entries
 from hfl_mqtt.roles.messages import (
     JOIN,
     LEAVE,
@@ -60,7 +61,7 @@ from hfl_mqtt.roles.messages import (
 from hfl_mqtt.roles.parentage import Parentage
 from hfl_mqtt.roles.report import NodeReport, reject_reason
 from hfl_mqtt.roles.uplinks import OpenLink, Uplinks
-from hfl_mqtt.tasks.base import RoundAware, Task, TrainResult
+from hfl_mqtt.tasks.base import Instructed, RoundAware, Task, TrainResult
 from hfl_mqtt.topics import (
     ctl_topic,
     join_topic,
@@ -127,8 +128,10 @@ class Worker:
         self._privacy_rng = np.random.default_rng(
             None if entropy is None else [entropy, config.partition or 0]
         )
-        # The parent's models must fit this worker's own model: same names, shapes, dtypes.
-        self._spec = ModelSpec.from_arrays(task.get_weights())
+        # The parent's models must fit this worker's own model: same names, shapes, dtypes. A
+        # task that knows its model only once told (a Flower ClientApp) takes the first's.
+        own = task.get_weights()
+        self._spec = ModelSpec.from_arrays(own) if own else None
         self._pending: deque[Incoming] = deque()
         self._keep_training_on: tuple[Header, Model] | None = None
         """The newest model of an asynchronous parent: trained on again while no newer comes."""
@@ -319,19 +322,35 @@ class Worker:
         version = header.version
         log_round = self._log.bind(base_version=version)
         started = time.monotonic()
-        trained, result = await asyncio.to_thread(self._train, model, version)
+        instruction = instruction_of(header.metrics)
+        try:
+            trained, result, reply = await asyncio.to_thread(
+                self._train, model, version, instruction
+            )
+        except TaskError as exc:
+            if instruction is None:
+                raise
+            # A driver's app failed on this version: the round goes on without this worker,
+            # which stays for the next.
+            log_round.error("the task failed on this version", error=str(exc))
+            self.report.error(str(exc))
+            return
         await self._take_device_time(time.monotonic() - started)
-        self.report.trained += 1
+        evaluating = instruction is not None and instruction.do == "evaluate"
+        if not evaluating:
+            self.report.trained += 1
         self._note_dp_sgd(result)
         self._version = version
         newer_waiting = self._newer_model_waiting(version)  # sets aside what arrived meanwhile
         if newer_waiting and not header.metrics.get("async"):
             log_round.info("newer model arrived during training: result dropped")
             return
-        delta = self._outgoing(subtract(trained, model))
+        # An evaluation's delta is zero, sent lossless and compressed to next to nothing.
+        delta = subtract(trained, model) if evaluating else self._outgoing(subtract(trained, model))
         metrics: dict[str, float | int | str | bool] = {
             k: float(v) for k, v in result.metrics.items() if np.isfinite(v)
         }
+        metrics.update(reply_entries(reply))
         metrics["tree_bytes"] = self.report.bytes_sent
         metrics["tree_messages"] = self.report.messages_sent
         update_id = new_update_id()
@@ -341,7 +360,7 @@ class Worker:
             version,
             delta,
             result.num_examples,
-            self._compressor,
+            ZERO_DELTA if evaluating else self._compressor,
             metrics,
             update_id=update_id,
         )
@@ -466,12 +485,27 @@ class Worker:
             self._log.info("the parent's model came again: re-sending our delta", version=version)
             await self._link.publish(topic, payload)
 
-    def _train(self, model: Model, version: int) -> tuple[Model, TrainResult]:
+    def _train(
+        self, model: Model, version: int, instruction: Instruction | None
+    ) -> tuple[Model, TrainResult, dict[str, int | float]]:
+        """Train on ``model`` (or do what ``instruction`` says): the model after, what the
+        training reports, and the reply to the instruction (nothing without one)."""
         self.task.set_weights(model)
         if isinstance(self.task, RoundAware):
             self.task.begin_round(version)
+        if instruction is None:
+            result = self.task.train(self.config.task.train)
+            return self.task.get_weights(), result, {}
+        if isinstance(self.task, Instructed):
+            reply = self.task.follow(instruction.do, instruction.config)
+            trained = self.task.get_weights() if instruction.do == "train" else model
+            return trained, TrainResult(reply.num_examples), reply.metrics
+        if instruction.do == "evaluate":
+            scores = self.task.evaluate()
+            reply_metrics = {"loss": scores.loss, "accuracy": scores.accuracy}
+            return model, TrainResult(scores.num_examples), reply_metrics
         result = self.task.train(self.config.task.train)
-        return self.task.get_weights(), result
+        return self.task.get_weights(), result, dict(result.metrics)
 
     async def _next_message(self) -> Incoming | None:
         """The next message already here, passing over models that a later, newer one from our

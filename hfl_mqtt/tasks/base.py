@@ -21,6 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
@@ -30,7 +31,9 @@ from hfl_mqtt.errors import TaskError
 
 __all__ = [
     "EvalResult",
+    "Instructed",
     "PartitionConfig",
+    "Reply",
     "RoundAware",
     "SyntheticConfig",
     "Task",
@@ -200,13 +203,28 @@ class TaskConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     flower_client: ImportPath = None
     flower_evaluate: ImportPath = None
+    flower_app: Path | None = None
+    """A Flower app's directory (``pyproject.toml`` with ``[tool.flwr.app]``): its ServerApp
+    drives the run from the root, its ClientApp is every worker's task, ``params`` override its
+    run config (``hfl_mqtt.flower.grid``). Relative to the current directory."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
         # Settings that would do nothing are refused rather than silently ignored.
         if self.dp_sgd is not None and self.model != "torch_mlp":
             raise ValueError("dp_sgd works with model: torch_mlp (Opacus trains torch models)")
-        if self.flower_client is not None:
+        if self.flower_app is not None:
+            given = [
+                name
+                for name in (*_FLOWER_UNUSED, "train", "dp_sgd", "flower_client", "flower_evaluate")
+                if getattr(self, name) != TaskConfig.model_fields[name].default
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: not used with flower_app (the Flower app brings its "
+                    "own model, data and training)"
+                )
+        elif self.flower_client is not None:
             given = [
                 name
                 for name in _FLOWER_UNUSED
@@ -270,6 +288,30 @@ class RoundAware(Protocol):
     """
 
     def begin_round(self, server_round: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What an ``Instructed`` task answers: its examples (the weight of its reply and, after
+    training, of its delta) and numbers."""
+
+    num_examples: int
+    metrics: dict[str, int | float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Instructed(Protocol):
+    """Optional, for a task that takes instructions from a driver above the root (a Flower
+    ``ClientApp``: ``hfl_mqtt.roles.instructions``).
+
+    A worker sets the weights of the version, then calls ``follow(do, config)``; after
+    ``train``, ``get_weights()`` is the trained model. A task without this method trains as
+    usual when told to train, and answers ``evaluate`` with its ``evaluate()``.
+    """
+
+    def follow(
+        self, do: Literal["train", "evaluate"], config: Mapping[str, bool | int | float | str]
+    ) -> Reply: ...
 
 
 TaskFactory = Callable[[TaskConfig, int | None, int], Task]
@@ -339,8 +381,16 @@ def _import_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def load_task(config: TaskConfig, partition: int | None, num_partitions: int) -> Task:
-    """Build the task named by ``config.factory`` (or the Flower client of ``flower_client``).
+def load_task(
+    config: TaskConfig,
+    partition: int | None,
+    num_partitions: int,
+    *,
+    federation: str = "hfl",
+    node: str = "",
+) -> Task:
+    """Build the task named by ``config.factory`` (or the Flower client of ``flower_client``,
+    or the ClientApp of ``flower_app``, for node ``node`` of ``federation``).
 
     ``partition=None`` asks for the evaluator task, whose ``evaluate()`` uses the held-out test
     split (the root's); otherwise ``partition`` in ``[0, num_partitions)`` selects a worker's
@@ -350,10 +400,12 @@ def load_task(config: TaskConfig, partition: int | None, num_partitions: int) ->
         raise TaskError(f"num_partitions must be >= 1, got {num_partitions}")
     if partition is not None and not 0 <= partition < num_partitions:
         raise TaskError(f"partition {partition} is outside [0, {num_partitions})")
-    if config.flower_client is not None:
+    if config.flower_client is not None or config.flower_app is not None:
         from hfl_mqtt.plugins import flower  # the plug-ins' interface imports this module
 
-        return flower().load_task(config, partition, num_partitions)
+        return flower().load_task(
+            config, partition, num_partitions, federation=federation, node=node
+        )
     factory = import_callable(config.factory)
     task = factory(config, partition, num_partitions)
     if not isinstance(task, Task):

@@ -1,0 +1,1 @@
+"""digitsapp: handwritten digits with PyTorch and Flower."""
