@@ -184,7 +184,9 @@ def _simulate(
             return 2
         host, port = parse_web_address(web)
     root = config.levels[0]
-    progress = Progress(root.rounds, max_seconds=root.max_seconds)
+    # A Flower app's ServerApp counts its own rounds.
+    total = None if config.task.flower_app is not None else root.rounds
+    progress = Progress(total, max_seconds=root.max_seconds)
 
     async def run() -> None:
         # SIGTERM ends the run as Ctrl-C does: the workers are stopped, the brokers and the

@@ -770,9 +770,36 @@ class FederationConfig(_Frozen):
         for depth, (level, children) in enumerate(zip(self.levels, self.fanout, strict=False)):
             if level.flower_strategy is not None:
                 level.flower_strategy.check_children(children, f"levels.{depth}.flower_strategy")
+        if self.task.flower_app is not None:
+            self._flower_app_fits()
         if self.deployment is not None:
             self.deployment.check_tree(self.tree(), self.levels[0].name)
         return self
+
+    def _flower_app_fits(self) -> None:
+        """A Flower app's ServerApp drives the root (hfl_mqtt/flower/grid.py): its strategy
+        aggregates and counts the rounds, and every level answers each message in sync."""
+        for depth, level in enumerate(self.levels[:-1]):
+            if level.mode != "sync":
+                raise ValueError(
+                    f"levels.{depth}.mode: {level.mode}: a Flower app's messages are answered "
+                    "in synchronous rounds (mode: sync)"
+                )
+        root = self.levels[0]
+        given = [
+            name
+            for name in ("flower_strategy", "robust", "privacy")
+            if getattr(root, name) is not None
+        ]
+        if root.rounds != 1:
+            given.append("rounds")
+        if root.participation.policy != "all":
+            given.append("participation")
+        if given:
+            raise ValueError(
+                f"levels.0.{', levels.0.'.join(given)}: not used with task.flower_app (the "
+                "ServerApp's strategy picks, aggregates and counts the rounds; set them there)"
+            )
 
     @property
     def num_workers(self) -> int:

@@ -60,11 +60,16 @@ class Progress:
     """A one-line live display of the global rounds (plain lines when not on a terminal).
 
     With a time budget (the root's ``max_seconds``) the line shows the seconds against it
-    instead of the rounds against their (then nominal) total.
+    instead of the rounds against their (then nominal) total; without a total (None: a Flower
+    app's ServerApp counts them) it shows the rounds alone.
     """
 
     def __init__(
-        self, total_rounds: int, stream: TextIO | None = None, *, max_seconds: float | None = None
+        self,
+        total_rounds: int | None,
+        stream: TextIO | None = None,
+        *,
+        max_seconds: float | None = None,
     ) -> None:
         self.total = total_rounds
         self.max_seconds = max_seconds
@@ -73,8 +78,11 @@ class Progress:
         self._line_open = False
 
     def round(self, event: dict[str, Any]) -> None:
-        if self.max_seconds is None:
+        if self.max_seconds is None and self.total is not None:
             where = f"round {event['global_round']:>3}/{self.total}  "
+            clock = f"{event['seconds']:6.1f} s"
+        elif self.max_seconds is None:
+            where = f"round {event['global_round']:>3}  "
             clock = f"{event['seconds']:6.1f} s"
         else:
             where = f"round {event['global_round']:>3}  "
@@ -85,7 +93,7 @@ class Progress:
         )
         if self.live:
             self.stream.write("\r" + line)
-            self._line_open = event["global_round"] < self.total
+            self._line_open = self.total is None or event["global_round"] < self.total
             if not self._line_open:
                 self.stream.write("\n")
         else:

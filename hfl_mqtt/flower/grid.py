@@ -38,7 +38,8 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from flwr.proto.node_pb2 import NodeInfo
     from flwr.supercore.run import Run
 
-__all__ = ["MqttGrid", "run_server_app"]
+__all__ = ["MqttGrid", "make_grid", "run_server_app", "server_identity"]
 
 log = structlog.get_logger("hfl_mqtt.flower")
 
@@ -278,6 +279,23 @@ MqttGrid = _MqttGrid
 """The Grid's implementation (an instance from ``make_grid`` is a ``flwr.serverapp.Grid``)."""
 
 
+@contextmanager
+def server_identity(run_id: int) -> Iterator[None]:
+    """The task identity of a ServerApp of run ``run_id``, as a SuperLink gives its ServerApp
+    process and Flower's simulation sets it (a strategy's ``Message(...)`` reads it); the one
+    before is back after (it is the process's)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from hfl_mqtt.flower.app_task import SERVER_NODE_ID
+
+    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SERVER_NODE_ID
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+
+
 async def run_server_app(
     config: NodeConfig,
     down: LinkBase,
@@ -288,7 +306,6 @@ async def run_server_app(
     """Run the root under the ServerApp of ``config.task.flower_app`` until the app returns;
     then stop the children and end."""
     from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from hfl_mqtt.flower.app_task import SERVER_NODE_ID
 
@@ -299,11 +316,6 @@ async def run_server_app(
     )
     server_app = await asyncio.to_thread(app.server_app)
     run_id = node_id(config.federation)
-    # What a SuperLink gives a ServerApp process, and Flower's simulation sets the same way:
-    # without it, a strategy's Message(...) cannot be built.
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SERVER_NODE_ID
     root = DrivenRoot(config, down, on_event=on_event)
     context = Context(
         run_id=run_id,
@@ -317,7 +329,8 @@ async def run_server_app(
 
     def serve() -> None:
         try:
-            server_app(grid, context)
+            with server_identity(run_id):
+                server_app(grid, context)
         except BaseException as exc:  # the app's failure ends the run; it is raised below
             failure.append(exc)
 

@@ -195,8 +195,14 @@ class DrivenRoot(Aggregator):
         if accuracy is None or loss is None:
             return
         tree_bytes, tree_messages = self.tree_traffic()
+        asked_round = self.instruction.config.get("server-round") if self.instruction else None
+        server_round = (
+            asked_round
+            if isinstance(asked_round, int) and not isinstance(asked_round, bool)
+            else len(self.report.evaluations) + 1
+        )
         event: dict[str, Any] = {
-            "global_round": self.report.rounds,
+            "global_round": server_round,
             "version": self.version,
             "accuracy": accuracy,
             "loss": loss,
