@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,sim,torch,flower,plan,monitor,privacy,dpsgd]"
 	# The embedded broker's library, without the typer pin of amqtt's own command line (which
 	# would break flwr's): the embedded and flower extras do not go in one venv otherwise.
-	$(BIN)/pip install -q --no-deps "amqtt>=0.11.3,<0.12" "dacite>=1.9.2" passlib==1.7.4 \
-		transitions==0.9.2 websockets==15.0.1 "psutil>=7"
+	$(BIN)/pip install -q --no-deps "amqtt>=0.11.3,<0.12"
+	$(BIN)/pip install -q -c constraints.txt "dacite>=1.9.2" passlib==1.7.4 transitions==0.9.2 \
+		websockets==15.0.1 "psutil>=7"
 	touch $@
 
 demo: $(STAMP)

@@ -152,6 +152,13 @@ class _Client(aiomqtt.Client):
 
         self._loop.call_soon_threadsafe(register)
 
+    def settle(self) -> None:
+        """After the client's context: mark the disconnect's error as seen. aiomqtt's exit
+        leaves it unretrieved when the connection dropped first (asyncio then logs "Future
+        exception was never retrieved"); the link has logged the loss already."""
+        if self._disconnected.done() and not self._disconnected.cancelled():
+            self._disconnected.exception()
+
     def _client_connect(self) -> None:
         try:
             super()._client_connect()
@@ -418,6 +425,8 @@ class MqttLink(LinkBase):
                 )
             except (_ConnectionLostError, TimeoutError):
                 log.warning("connection lost", client=self.client_id, broker=self.broker)
+            finally:
+                client.settle()
             self._connected.clear()
             if self._restoring is not None:
                 self._restoring.cancel()
