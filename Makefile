@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo bench bench-dp bench-robust bench-participation bench-tau bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale test test-slow test-device lint pytest clean
+.PHONY: demo bench bench-dp bench-robust bench-participation bench-tau bench-staleness bench-recovery bench-chaos bench-footprint bench-monitor bench-scale bench-message-api test test-slow test-device lint pytest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ bench-footprint: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/footprint_bench.py $(if $(ARCH),--arch $(ARCH)) \
 		--json benchmarks/out/footprint$(if $(ARCH),-$(ARCH)).json
+
+# A Flower app (Message API) on Flower's deployment engine and on the MQTT tree (about 15 minutes).
+bench-message-api: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/message_api_bench.py --json benchmarks/out/message_api.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

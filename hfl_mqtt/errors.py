@@ -152,6 +152,11 @@ class FlowerParentError(HflError):
     not be reached, broke the connection, or asked for something the subtree cannot do."""
 
 
+class ServerAppError(HflError):
+    """The Flower ServerApp driving the root (``task.flower_app``) raised; the message names its
+    error. The run ends, as Flower's own ends when its ServerApp fails."""
+
+
 class TransportError(HflError):
     """The MQTT link failed: could not connect, lost the broker, or the broker refused."""
 

@@ -218,3 +218,21 @@ def test_tau_bench_compares_auto_with_fixed_rounds_on_both_trees(tmp_path: Path)
         assert bool(record["rounds_chosen"]) == (record["tau"] == "auto")
     assert len(result["targets"]) == 4
     assert "| 4-level |" in tau_bench.render(result)
+
+
+@needs_mosquitto
+def test_message_api_bench_runs_the_flower_app_on_both_trees(tmp_path: Path) -> None:
+    """The MQTT sides only (Flower's deployment engine is run by test_flower_message_api)."""
+    from benchmarks import message_api_bench
+
+    out = tmp_path / "message_api.json"
+    argv = ["--systems", "hfl-flat", "hfl-tree", "--rounds", "1", "--workers", "4"]
+    argv += ["--edges", "2", "--seeds", "1", "--processes", "1", "--json", str(out)]
+    assert message_api_bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [r["system"] for r in result["records"]] == ["hfl-flat", "hfl-tree"]
+    for record in result["records"]:
+        assert record["strategy_seconds"] > 0
+        assert record["bytes"] > 0
+        assert 0.5 < record["accuracy"] <= 1.0
+    assert result["targets"] == {}

@@ -4,22 +4,17 @@ with its ServerApp at the root through the MQTT Grid and its ClientApp in every 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
+from benchmarks.message_api_bench import APP, BIN, central_accuracy, flower_deployment, flwr_run
 from hfl_mqtt.config import FederationConfig, load_federation
 from hfl_mqtt.sim import simulate
 from tests.fakes import needs_mosquitto
@@ -29,8 +24,6 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.anyio
 
-APP = Path(__file__).parent.parent / "examples" / "flower_app"
-BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 180
 
 
@@ -47,19 +40,6 @@ def tree(rounds: int, final_model: Path, **changes: Any) -> FederationConfig:
     data["task"]["params"] = {"num-server-rounds": rounds, "final-model": str(final_model)}
     data.update(changes)
     return FederationConfig.model_validate(data)
-
-
-def central_accuracy(model_file: Path) -> float:
-    """The accuracy of a saved model on the app's held-out test set (the app's own code)."""
-    sys.path.insert(0, str(APP))
-    try:
-        from digitsapp.task import Net, load_centralized_dataset, test
-
-        net = Net()
-        net.load_state_dict(torch.load(model_file))
-        return float(test(net, load_centralized_dataset())[1])
-    finally:
-        sys.path.remove(str(APP))
 
 
 @needs_mosquitto
@@ -89,87 +69,6 @@ async def test_a_template_flower_app_runs_unmodified_over_a_3_level_tree(tmp_pat
 # --- flat Flower, the same app, side by side ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the SuperLink ended"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
-
-
-@contextmanager
-def flower_deployment(home: Path, supernodes: int) -> Iterator[dict[str, str]]:
-    """A SuperLink and ``supernodes`` SuperNodes (partition i of ``supernodes``) on free
-    loopback ports; yields the environment for ``flwr run ... local``. Each process is a
-    session leader, and its whole group is ended after."""
-    port = free_port()
-    home.mkdir(parents=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, log: str) -> None:
-        out = (home / log).open("wb")
-        started.append(
-            subprocess.Popen(
-                args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-
-    try:
-        start(
-            str(BIN / "flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--port",
-            str(port),
-            log="superlink.log",
-        )
-        wait_for_port(port, started[0])
-        for i in range(supernodes):
-            start(
-                str(BIN / "flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f"partition-id={i} num-partitions={supernodes}",
-                log=f"supernode-{i}.log",
-            )
-        yield env
-    finally:
-        for process in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for process in started:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
 def load(path: Path) -> Mapping[str, np.ndarray]:
     return {k: v.numpy() for k, v in torch.load(path).items()}
 
@@ -181,26 +80,11 @@ async def test_flat_and_lossless_the_tree_gives_flat_flowers_model(tmp_path: Pat
     rounding (a delta's round trip, ``x + (y - x)``, and the order FedAvg sums in)."""
     rounds = 2
     flat = tmp_path / "flat.pt"
-    with flower_deployment(tmp_path / "flower", supernodes=2) as env:
-        run = await asyncio.to_thread(
-            subprocess.run,
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(APP),
-                "local",
-                "--stream",
-                "--run-config",
-                f'num-server-rounds={rounds} final-model="{flat}"',
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-            check=False,
+    with flower_deployment(tmp_path / "flower", 2) as (env, _):
+        output = await asyncio.to_thread(
+            flwr_run, env, f'num-server-rounds={rounds} final-model="{flat}"', RUN_TIMEOUT_S
         )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert flat.exists(), run.stdout[-3000:]
+    assert flat.exists(), output[-3000:]
 
     ours = tmp_path / "tree.pt"
     data = tree(rounds, ours).model_dump()
@@ -229,3 +113,29 @@ def test_the_flwr_command_starts_in_this_environment() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Flower version" in result.stdout
+
+
+@needs_mosquitto
+def test_a_failing_serverapp_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    """The app cannot save its model (its parent is a file): ``hfl-mqtt sim`` says so and exits
+    2, its brokers and workers ended."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    data = tree(1, blocker / "final.pt").model_dump(mode="json")
+    data["levels"] = [
+        {"name": "cloud", "deadline_s": 60},
+        {"name": "worker", "uplink_codec": "npy"},
+    ]
+    data["fanout"] = [2]
+    config = tmp_path / "federation.yaml"
+    config.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [str(BIN / "hfl-mqtt"), "sim", str(config), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "ServerAppError: the ServerApp failed" in result.stderr
+    assert "Traceback" not in result.stderr

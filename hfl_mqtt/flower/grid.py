@@ -46,7 +46,7 @@ import numpy as np
 import structlog
 
 from hfl_mqtt.config import NodeConfig
-from hfl_mqtt.errors import ConfigError, DecodeError
+from hfl_mqtt.errors import ConfigError, DecodeError, ServerAppError
 from hfl_mqtt.flower.app import FlowerApp, load_flower_app, node_id
 from hfl_mqtt.flower.app_task import WEIGHT_KEY
 from hfl_mqtt.flower.codec import array_record_to_arrays, arrays_to_array_record
@@ -350,5 +350,5 @@ async def run_server_app(
             await driving
     if failure and not (stop is not None and stop.is_set()):
         exc = failure[0]
-        raise RuntimeError(f"the ServerApp failed: {type(exc).__name__}: {exc}") from exc
+        raise ServerAppError(f"the ServerApp failed: {type(exc).__name__}: {exc}") from exc
     return cast("NodeReport", report)

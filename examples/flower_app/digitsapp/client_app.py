@@ -24,7 +24,8 @@ def train(msg: Message, context: Context):
     num_partitions = context.node_config["num-partitions"]
     batch_size = context.run_config["batch-size"]
     # Reproducible runs: the shuffling depends on the partition and the round only
-    seed = 1000 * partition_id + msg.content["config"]["server-round"]
+    server_round = msg.content["config"]["server-round"]
+    seed = 1_000_003 * context.run_config["seed"] + 1000 * partition_id + server_round
     trainloader, _ = load_data(partition_id, num_partitions, batch_size, seed)
 
     # Call the training function

@@ -1,5 +1,7 @@
 """digitsapp: a Flower / PyTorch app."""
 
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -23,7 +25,7 @@ def main(grid: Grid, context: Context) -> None:
     lr: float = context.run_config["learning-rate"]
 
     # Load global model
-    torch.manual_seed(0)
+    torch.manual_seed(context.run_config["seed"])
     global_model = Net()
     arrays = ArrayRecord(global_model.state_dict())
 
@@ -42,7 +44,9 @@ def main(grid: Grid, context: Context) -> None:
     # Save final model to disk
     print("\nSaving final model to disk...")
     state_dict = result.arrays.to_torch_state_dict()
-    torch.save(state_dict, context.run_config["final-model"])
+    final_model = Path(context.run_config["final-model"])
+    final_model.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, final_model)
 
 
 def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
