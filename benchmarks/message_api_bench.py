@@ -9,14 +9,16 @@ for ``--rounds`` rounds of train and evaluate messages, as:
   message) and ``flwr run``. This is how a Flower user runs the app outside simulation.
 - **hfl-flat**: the ServerApp at the root of a flat MQTT tree through the MQTT Grid, the
   ClientApp in process in ``--workers`` workers, npy (lossless) deltas up.
-- **hfl-tree**: ``--edges`` edges between, q8 deltas up from workers and edges.
+- **hfl-tree**: ``--edges`` edges between, q8 deltas up from workers and edges; each edge's
+  workers on a broker of the edge's own (``brokers: per_edge``), bridged to the cloud's.
 
 **Clock**: FedAvg's own (``Strategy execution finished in ...``, from its start to its last
 aggregation, every node connected), read from the ServerApp's log on both sides; the whole run
 (processes, brokers, app loading) is reported apart. **Bytes** on the wire: a byte-counting
 proxy (``hfl_mqtt.linkmeter``) in front of the SuperLink for its SuperNodes, and in front of
-every broker for the trees (``meter_links``). **Accuracy**: the saved final model on the app's
-held-out test set, by the app's own code.
+every broker for the trees (``meter_links``): all links, and the cloud link (what reaches the
+SuperLink or the root's broker; everything, for Flower and the flat tree). **Accuracy**: the
+saved final model on the app's held-out test set, by the app's own code.
 
 **Seeds**: ``--seeds`` (3) values of the app's ``seed`` (model init, shuffling), the order of the
 systems reversed on every other seed; the median and the range. Checked (``targets``): hfl-tree
@@ -24,6 +26,7 @@ takes at most a fifth of Flower's strategy time per round (the median); its fina
 within 2 points of Flower's; hfl-flat's model is Flower's to 1e-6 on every seed.
 
     python benchmarks/message_api_bench.py --json benchmarks/out/message_api.json
+    python benchmarks/message_api_bench.py --render benchmarks/out/message_api.json
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -46,13 +50,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 try:  # run as a module (tests) or as a script (python benchmarks/...)
     from benchmarks.targets import print_targets, write_json
 except ImportError:
     from targets import print_targets, write_json  # type: ignore[no-redef,import-not-found]
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.linkmeter import LinkMeter
-from hfl_mqtt.sim import simulate
+from hfl_mqtt.sim import configure_logging, simulate
 
 APP = Path(__file__).resolve().parent.parent / "examples" / "flower_app"
 BIN = Path(sys.executable).parent
@@ -222,6 +228,7 @@ def run_flower(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any
         "strategy_seconds": float(found[-1]),
         "run_seconds": round(seconds, 2),
         "bytes": counts.up + counts.down,
+        "cloud_bytes": counts.up + counts.down,  # every SuperNode talks to the SuperLink
         "model": str(model),
     }
 
@@ -256,6 +263,8 @@ def federation(system: str, args: argparse.Namespace, seed: int, model: Path) ->
             "federation": f"bench-{system}",
             "levels": levels,
             "fanout": fanout,
+            # A site's workers talk to their edge on the site's broker; only edges use the cloud's.
+            "brokers": "per_edge" if system == "hfl-tree" else "single",
             "task": {"flower_app": str(APP), "params": run_config(args, seed, model)},
         }
     )
@@ -265,6 +274,10 @@ def run_hfl(system: str, args: argparse.Namespace, seed: int, work: Path) -> dic
     model = work / "model.pt"
     clock = _StrategyClock()
     flower_log = logging.getLogger("flwr")
+    # Flower's console lines stay out of the bench's output; the clock still reads them.
+    quieted = {handler: handler.level for handler in flower_log.handlers}
+    for handler in quieted:
+        handler.setLevel(logging.WARNING)
     flower_log.addHandler(clock)
     started = time.monotonic()
     try:
@@ -279,12 +292,15 @@ def run_hfl(system: str, args: argparse.Namespace, seed: int, work: Path) -> dic
         )
     finally:
         flower_log.removeHandler(clock)
+        for handler, level in quieted.items():
+            handler.setLevel(level)
     if clock.seconds is None:
         raise RuntimeError("the ServerApp logged no strategy time")
     return {
         "strategy_seconds": clock.seconds,
         "run_seconds": round(time.monotonic() - started, 2),
         "bytes": sum(link["up"] + link["down"] for link in summary["links"].values()),
+        "cloud_bytes": summary["links"]["cloud"]["up"] + summary["links"]["cloud"]["down"],
         "model": str(model),
     }
 
@@ -306,7 +322,8 @@ def run(system: str, args: argparse.Namespace, seed: int, order: int, work: Path
     }
     print(
         f"  {system:9} seed {seed}: {record['seconds_per_round']:7.2f} s/round  "
-        f"accuracy {record['accuracy']:.4f}  {record['bytes'] / 1e6:7.2f} MB  "
+        f"accuracy {record['accuracy']:.4f}  {record['bytes'] / 1e6:6.2f} MB "
+        f"({record['cloud_bytes'] / 1e6:.2f} MB cloud link)  "
         f"(whole run {record['run_seconds']:.0f} s)",
         flush=True,
     )
@@ -323,7 +340,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not mine:
             continue
         row: dict[str, Any] = {"seeds": len(mine)}
-        for key in ("seconds_per_round", "accuracy", "bytes", "run_seconds"):
+        for key in ("seconds_per_round", "accuracy", "bytes", "cloud_bytes", "run_seconds"):
             values = [r[key] for r in mine]
             row[key] = {
                 "median": statistics.median(values),
@@ -364,9 +381,35 @@ def check_targets(records: list[dict[str, Any]], rows: dict[str, Any]) -> dict[s
     return targets
 
 
+def render(result: dict[str, Any]) -> str:
+    """RESULTS.md's table: per system, the median [range] over seeds."""
+
+    def cell(row: dict[str, Any], key: str, form: str, scale: float = 1.0) -> str:
+        values = [row[key][k] / scale for k in ("median", "min", "max")]
+        return f"{values[0]:{form}} [{values[1]:{form}}, {values[2]:{form}}]"
+
+    lines = [
+        "| system | strategy s / round | accuracy | MB, all links | MB, cloud link "
+        "| whole run, s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, row in result["summary"].items():
+        lines.append(
+            f"| {system} | {cell(row, 'seconds_per_round', '.2f')} | "
+            f"{cell(row, 'accuracy', '.3f')} | {cell(row, 'bytes', '.2f', 1e6)} | "
+            f"{cell(row, 'cloud_bytes', '.2f', 1e6)} | "
+            f"{cell(row, 'run_seconds', '.0f')} |"
+        )
+    for name, target in result["targets"].items():
+        measured = ", ".join(f"{k} {v}" for k, v in target.items() if k != "met")
+        lines.append(f"\n- {name}: {'met' if target['met'] else 'MISSED'} ({measured})")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the records as JSON to FILE")
+    parser.add_argument("--render", metavar="JSON", type=Path, help="print RESULTS.md's table")
     parser.add_argument("--systems", nargs="*", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=8, help="SuperNodes, or MQTT workers")
@@ -374,19 +417,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2, help="worker processes (the trees)")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print(render(json.loads(args.render.read_text())), end="")
+        return 0
     if args.workers % args.edges:
         parser.error("--workers must be a multiple of --edges")
     if args.edges < 2:
         # The root's children are the nodes the ServerApp sees; FedAvg waits for two.
         parser.error("--edges must be at least 2 (the app's FedAvg waits for 2 nodes)")
     records = []
-    with tempfile.TemporaryDirectory(prefix="message-api-") as tmp:
-        for seed in range(args.seeds):
-            order = list(args.systems) if seed % 2 == 0 else list(reversed(args.systems))
-            for position, system in enumerate(order):
-                records.append(run(system, args, seed, position, Path(tmp) / f"{system}-{seed}"))
-        rows = summarize(records)
-        targets = check_targets(records, rows)
+    saved_logging = structlog.get_config()
+    configure_logging(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="message-api-") as tmp:
+            for seed in range(args.seeds):
+                order = list(args.systems) if seed % 2 == 0 else list(reversed(args.systems))
+                for position, system in enumerate(order):
+                    work = Path(tmp) / f"{system}-{seed}"
+                    records.append(run(system, args, seed, position, work))
+            rows = summarize(records)
+            targets = check_targets(records, rows)
+    finally:
+        structlog.configure(**saved_logging)
     for record in records:
         del record["model"]
     print_targets(targets)
@@ -394,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json,
         {
             "benchmark": "message_api",
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "render")},
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "records": records,
             "summary": rows,

@@ -236,3 +236,5 @@ def test_message_api_bench_runs_the_flower_app_on_both_trees(tmp_path: Path) -> 
         assert record["bytes"] > 0
         assert 0.5 < record["accuracy"] <= 1.0
     assert result["targets"] == {}
+    table = message_api_bench.render(result)
+    assert table.count("\n| hfl-") == 2
