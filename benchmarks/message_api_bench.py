@@ -272,6 +272,8 @@ def federation(system: str, args: argparse.Namespace, seed: int, model: Path) ->
 
 def run_hfl(system: str, args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     model = work / "model.pt"
+    import flwr.common.logger  # noqa: F401  (sets up Flower's console handler)
+
     clock = _StrategyClock()
     flower_log = logging.getLogger("flwr")
     # Flower's console lines stay out of the bench's output; the clock still reads them.
