@@ -317,6 +317,16 @@ async def run_server_app(
     server_app = await asyncio.to_thread(app.server_app)
     run_id = node_id(config.federation)
     root = DrivenRoot(config, down, on_event=on_event)
+    children = len(config.downstream.children) if config.downstream is not None else 0
+    if children < 2:
+        # The ServerApp sees the root's children as its nodes; Flower's strategies wait for
+        # min_available_nodes of them (2 by default), which would look like a hang.
+        log.warning(
+            "the ServerApp will see fewer than 2 nodes: Flower's strategies wait for "
+            "min_available_nodes (2 by default); give the root 2 or more children",
+            node=config.node,
+            nodes=children,
+        )
     context = Context(
         run_id=run_id,
         node_id=SERVER_NODE_ID,
