@@ -56,6 +56,7 @@ try:  # run as a module (tests) or as a script (python benchmarks/...)
     from benchmarks.targets import print_targets, write_json
 except ImportError:
     from targets import print_targets, write_json  # type: ignore[no-redef,import-not-found]
+from hfl_mqtt.brokers import free_port
 from hfl_mqtt.config import FederationConfig
 from hfl_mqtt.linkmeter import LinkMeter
 from hfl_mqtt.sim import configure_logging, simulate
@@ -68,13 +69,6 @@ RUN_TIMEOUT_S = 1800.0
 
 
 # --- Flower's deployment engine -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def wait_for_port(
