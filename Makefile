@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,sim,torch,flower,plan,monitor,privacy,dpsgd]"
-	# The embedded broker's library, without the typer pin of amqtt's own command line (which
-	# would break flwr's): the embedded and flower extras do not go in one venv otherwise.
+	# The embedded broker's library without its own pins (its typer pin would break flwr's
+	# command line), then its other requirements with theirs: the embedded and flower extras
+	# do not go in one venv otherwise.
 	$(BIN)/pip install -q --no-deps "amqtt>=0.11.3,<0.12"
 	$(BIN)/pip install -q -c constraints.txt "dacite>=1.9.2" passlib==1.7.4 transitions==0.9.2 \
 		websockets==15.0.1 "psutil>=7"
